@@ -1,0 +1,83 @@
+"""Polynomial extrapolation of a feature over the noise level.
+
+TaylorSeer writes its forecast with finite differences divided by a step
+count N, which assumes evenly spaced full computations. RCS makes the spacing
+irregular, and samplers such as Heun or dpm_2 evaluate at sigmas that are not
+on the schedule at all, so we extrapolate over the actual sigma of each full
+computation instead, in Newton's divided-difference form. That form is exact
+for a polynomial trajectory of degree `order` at any spacing, and for evenly
+spaced points of degree 1 it is the same forecast as TaylorSeer's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Two full computations closer than this (relative to sigma) are treated as the
+# same point: dividing by their gap would amplify noise without bound.
+_SAME_SIGMA_RTOL = 1e-6
+
+
+class NewtonHistory:
+    """Divided differences of one feature, newest point first.
+
+    Only the newest diagonal of the divided-difference table is kept
+    (`order + 1` tensors), which is all a forecast needs.
+    """
+
+    def __init__(self, order: int):
+        self.order = order
+        self.nodes: list[float] = []
+        self.coeffs: list[torch.Tensor] = []
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    @property
+    def newest(self) -> torch.Tensor:
+        return self.coeffs[0]
+
+    def _is_same_point(self, x: float) -> bool:
+        x0 = self.nodes[0]
+        return abs(x - x0) <= _SAME_SIGMA_RTOL * max(1.0, abs(x0))
+
+    def push(self, x: float, value: torch.Tensor) -> None:
+        if self.nodes and self._is_same_point(x):
+            self._replace_newest(value)
+            return
+        new_coeffs = [value]
+        for j in range(min(len(self.coeffs), self.order)):
+            gap = x - self.nodes[j]
+            new_coeffs.append((new_coeffs[j] - self.coeffs[j]) / gap)
+        self.coeffs = new_coeffs
+        self.nodes = ([x] + self.nodes)[: self.order + 1]
+
+    def _replace_newest(self, value: torch.Tensor) -> None:
+        # Changing f(x0) by delta moves the j-th coefficient by
+        # delta / prod_{i<j}(x0 - x_i) for i = 1..j; the nodes stay the same.
+        delta = value - self.coeffs[0]
+        coeffs = [value]
+        denominator = 1.0
+        for j in range(1, len(self.coeffs)):
+            denominator *= self.nodes[0] - self.nodes[j]
+            coeffs.append(self.coeffs[j] + delta / denominator)
+        self.coeffs = coeffs
+
+    def increment(self, x: float) -> torch.Tensor | None:
+        """Forecast at `x` minus the newest value; None when order 0 or one point."""
+        if len(self.coeffs) < 2:
+            return None
+        total = None
+        basis = 1.0
+        for j in range(1, len(self.coeffs)):
+            basis *= x - self.nodes[j - 1]
+            term = self.coeffs[j] * basis
+            total = term if total is None else total + term
+        return total
+
+    def forecast(self, x: float) -> torch.Tensor:
+        step = self.increment(x)
+        return self.coeffs[0] if step is None else self.coeffs[0] + step
+
+    def nbytes(self) -> int:
+        return sum(c.numel() * c.element_size() for c in self.coeffs)

@@ -1,0 +1,95 @@
+import pytest
+import torch
+
+from rfc_core import NewtonHistory, RelationalEstimator, ReuseEstimator, TaylorEstimator
+
+SIGMAS = [1.0, 0.93, 0.71, 0.66, 0.4]  # deliberately uneven spacing
+
+
+def polynomial(sigma, degree, base):
+    return sum(base[i] * sigma**i for i in range(degree + 1))
+
+
+@pytest.mark.parametrize("order", [0, 1, 2])
+def test_taylor_reproduces_polynomial_of_its_order_at_uneven_spacing(order):
+    base = torch.randn(order + 1, 3, 5, dtype=torch.float64)
+    estimator = TaylorEstimator(order)
+    for sigma in SIGMAS[: order + 1]:
+        estimator.update(sigma, polynomial(sigma, order, base), None)
+    target = 0.25
+    torch.testing.assert_close(estimator.predict(target, None), polynomial(target, order, base))
+
+
+def test_taylor_of_lower_order_misses_a_higher_degree_trajectory():
+    base = torch.randn(3, 3, 5, dtype=torch.float64)
+    estimator = TaylorEstimator(1)
+    for sigma in SIGMAS[:3]:
+        estimator.update(sigma, polynomial(sigma, 2, base), None)
+    error = (estimator.predict(0.25, None) - polynomial(0.25, 2, base)).abs().max()
+    assert error > 1e-3
+
+
+def test_reuse_returns_the_last_output():
+    estimator = ReuseEstimator()
+    estimator.update(1.0, torch.ones(2, 4), None)
+    estimator.update(0.8, torch.full((2, 4), 3.0), None)
+    torch.testing.assert_close(estimator.predict(0.1, None), torch.full((2, 4), 3.0))
+
+
+def test_repeated_sigma_replaces_the_newest_point():
+    base = torch.randn(3, 4, dtype=torch.float64)
+    history = NewtonHistory(2)
+    history.push(1.0, polynomial(1.0, 2, base))
+    history.push(0.8, torch.zeros(4, dtype=torch.float64))  # replaced by the next push
+    history.push(0.8, polynomial(0.8, 2, base))
+    history.push(0.5, polynomial(0.5, 2, base))
+    assert len(history) == 3
+    torch.testing.assert_close(history.forecast(0.2), polynomial(0.2, 2, base))
+
+
+def linear_module_run(estimator_cls, order):
+    """A linear module whose input moves along one direction with irregular
+    step sizes: the output change is proportional to the input change."""
+    torch.manual_seed(0)
+    weight = torch.randn(6, 6, dtype=torch.float64)
+    origin = torch.randn(2, 6, dtype=torch.float64)
+    direction = torch.randn(2, 6, dtype=torch.float64)
+
+    def position(sigma):  # irregular in sigma: far from any low-degree polynomial
+        return torch.tensor([[sigma ** 3 + 0.3 * torch.sin(torch.tensor(9 * sigma)).item()],
+                             [2 * sigma ** 4]], dtype=torch.float64)
+
+    def module_input(sigma):
+        return origin + position(sigma) * direction
+
+    def module_output(sigma):
+        return module_input(sigma) @ weight.T
+
+    estimator = estimator_cls(order)
+    for sigma in (1.0, 0.9, 0.75)[: order + 1]:
+        estimator.update(sigma, module_output(sigma), module_input(sigma))
+    target = 0.55
+    return estimator.predict(target, module_input(target)), module_output(target)
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_rfe_is_exact_on_a_linear_module_where_taylor_is_not(order):
+    predicted, truth = linear_module_run(RelationalEstimator, order)
+    torch.testing.assert_close(predicted, truth, rtol=1e-9, atol=1e-9)
+    taylor_predicted, _ = linear_module_run(TaylorEstimator, order)
+    assert (taylor_predicted - truth).abs().max() > 1e-2
+
+
+def test_rfe_falls_back_to_taylor_without_two_full_computations():
+    estimator = RelationalEstimator(1)
+    estimator.update(1.0, torch.full((1, 3), 2.0), torch.ones(1, 3))
+    torch.testing.assert_close(estimator.predict(0.5, torch.zeros(1, 3)), torch.full((1, 3), 2.0))
+
+
+def test_rfe_keeps_a_gain_per_sample():
+    estimator = RelationalEstimator(1)
+    estimator.update(1.0, torch.zeros(2, 1), torch.zeros(2, 1))
+    estimator.update(0.5, torch.tensor([[1.0], [1.0]]), torch.tensor([[1.0], [0.5]]))
+    # gains are 1 and 2; both inputs move by another 1 from the last full step
+    predicted = estimator.predict(0.25, torch.tensor([[2.0], [1.5]]))
+    torch.testing.assert_close(predicted, torch.tensor([[2.0], [3.0]]))

@@ -1,0 +1,148 @@
+import pytest
+import torch
+
+from rfc_core import CacheConfig, RelationalScheduler, RFCRun
+
+FIRST = ("block", 0)
+
+
+def drive(run, sigmas, inputs, modules=(FIRST, ("block", 1))):
+    """Run a fake model: every module's residual is its input times 2.
+    Returns per evaluation whether it was computed, and the number of real module calls."""
+    real_calls = 0
+    computed = []
+    for sigma, module_input in zip(sigmas, inputs):
+        run.start_evaluation(sigma)
+        for key in modules:
+            if run.predict("chunk", key, module_input) is None:
+                real_calls += 1
+                run.record("chunk", key, module_input, module_input * 2)
+        computed.append(run.current.computed)
+    return computed, real_calls
+
+
+def test_rcs_triggers_exactly_when_accumulated_error_passes_threshold():
+    scheduler = RelationalScheduler(threshold=0.5)
+    assert not scheduler.wants_full(0.25, 0)
+    assert not scheduler.wants_full(0.25, 1)  # 0.5 is not above 0.5
+    assert scheduler.wants_full(0.0001, 2)
+    scheduler.on_full()
+    assert scheduler.accumulated == 0.0
+
+
+def test_run_skips_until_the_input_forecast_error_accumulates():
+    # order 0: the forecast is the last computed input, so the relative L1
+    # error of input 1 + k*0.1 against 1.0 is exactly k*0.1/(1+k*0.1).
+    config = CacheConfig(threshold=0.25, max_skip=10, order=0, estimator="reuse")
+    run = RFCRun(config, first_module=FIRST)
+    values = [1.0, 1.1, 1.2, 1.3]
+    computed, _ = drive(run, [1.0, 0.9, 0.8, 0.7], [torch.full((1, 4), v) for v in values])
+    errors = [e.forecast_error for e in run.evaluations]
+    assert errors[0] is None
+    assert errors[1] == pytest.approx(0.1 / 1.1)
+    assert errors[2] == pytest.approx(0.2 / 1.2)  # accumulated 0.0909 + 0.1667 = 0.2576 > 0.25
+    assert computed == [True, False, True, False]
+
+
+@pytest.mark.parametrize("max_skip", [1, 2, 3])
+def test_max_skip_caps_consecutive_predictions(max_skip):
+    config = CacheConfig(threshold=10.0, max_skip=max_skip, order=1)
+    run = RFCRun(config, first_module=FIRST)
+    sigmas = [1 - i / 20 for i in range(20)]
+    computed, _ = drive(run, sigmas, [torch.full((1, 4), 1 + s) for s in sigmas])
+    longest = run_length = 0
+    for c in computed:
+        run_length = 0 if c else run_length + 1
+        longest = max(longest, run_length)
+    assert longest == max_skip
+    assert computed[:2] == [True, True]  # warm-up of order + 1
+
+
+@pytest.mark.parametrize("order", [0, 1, 2])
+def test_warmup_is_order_plus_one_full_computations(order):
+    config = CacheConfig(threshold=10.0, max_skip=5, order=order)
+    run = RFCRun(config, first_module=FIRST)
+    sigmas = [1 - i / 10 for i in range(8)]
+    computed, _ = drive(run, sigmas, [torch.full((1, 4), 1 + s) for s in sigmas])
+    assert computed[: order + 1] == [True] * (order + 1)
+    assert computed[order + 1] is False
+
+
+@pytest.mark.parametrize("config", [
+    CacheConfig(threshold=0.0, max_skip=3),
+    CacheConfig(threshold=10.0, max_skip=0),
+    CacheConfig(scheduler="fixed", interval=1),
+])
+def test_zero_settings_never_skip(config):
+    run = RFCRun(config, first_module=FIRST)
+    sigmas = [1 - i / 10 for i in range(10)]
+    computed, calls = drive(run, sigmas, [torch.full((1, 4), 1 + s) for s in sigmas])
+    assert all(computed)
+    assert calls == 20
+
+
+def test_fixed_interval_counts_real_module_calls():
+    config = CacheConfig(scheduler="fixed", interval=3, max_skip=10, estimator="taylor", order=1)
+    run = RFCRun(config, first_module=FIRST)
+    sigmas = [1 - i / 12 for i in range(12)]
+    computed, calls = drive(run, sigmas, [torch.full((1, 4), 1 + s) for s in sigmas])
+    assert computed == [True, True, False, False, True, False, False, True, False, False, True, False]
+    assert calls == 2 * sum(computed)
+    assert run.modules_predicted == 2 * (12 - sum(computed))
+
+
+def test_skip_window_forces_full_computation_outside_it():
+    config = CacheConfig(threshold=10.0, max_skip=10, order=0)
+    run = RFCRun(config, first_module=FIRST, skip_window=(0.75, 0.35))
+    sigmas = [1 - i / 10 for i in range(10)]
+    computed, _ = drive(run, sigmas, [torch.full((1, 4), 1 + s) for s in sigmas])
+    for sigma, c in zip(sigmas, computed):
+        if not 0.35 < sigma <= 0.75:
+            assert c, sigma
+    assert not all(computed)
+
+
+def test_prediction_follows_the_deciding_chunk_and_a_new_chunk_computes():
+    config = CacheConfig(threshold=10.0, max_skip=10, order=0)
+    run = RFCRun(config, first_module=FIRST)
+    x = torch.ones(1, 4)
+    run.start_evaluation(1.0)
+    for chunk in ("uncond", "cond"):
+        assert run.predict(chunk, FIRST, x) is None
+        run.record(chunk, FIRST, x, x)
+    run.start_evaluation(0.9)
+    assert run.predict("uncond", FIRST, x) is not None
+    assert run.predict("cond", FIRST, x) is not None
+    assert run.predict("a chunk never seen", FIRST, x) is None
+
+
+def test_finish_releases_every_cached_tensor_and_a_new_run_starts_clean():
+    config = CacheConfig(threshold=10.0, max_skip=2, order=2)
+    sigmas = [1 - i / 10 for i in range(10)]
+    inputs = [torch.full((1, 4), 1 + s) for s in sigmas]
+    first = RFCRun(config, first_module=FIRST)
+    first_result = drive(first, sigmas, inputs)
+    assert first.cache_bytes() > 0
+    first.finish()
+    assert first.cache_bytes() == 0 and first.peak_bytes > 0
+    second = RFCRun(config, first_module=FIRST)
+    assert drive(second, sigmas, inputs) == first_result
+
+
+@pytest.mark.parametrize("widget,kwargs", [
+    ("threshold", {"threshold": -0.1}),
+    ("max_skip", {"max_skip": 51}),
+    ("order", {"order": 3}),
+    ("interval", {"interval": 0}),
+    ("start_percent", {"start_percent": 1.5}),
+])
+def test_out_of_range_values_name_the_widget_and_range(widget, kwargs):
+    with pytest.raises(ValueError, match=rf"'{widget}' must be between"):
+        CacheConfig(**kwargs)
+
+
+def test_bad_choice_and_window_order_are_rejected():
+    with pytest.raises(ValueError, match="'estimator' must be one of"):
+        CacheConfig(estimator="magic")
+    with pytest.raises(ValueError, match="'start_percent'"):
+        CacheConfig(start_percent=0.6, end_percent=0.5)

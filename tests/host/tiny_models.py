@@ -1,0 +1,74 @@
+"""Tiny random-weight models built from ComfyUI's own config classes, and a
+way to count real block executions from outside the pack."""
+
+from __future__ import annotations
+
+import torch
+
+FLUX_CONFIG = {
+    "image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 32, "context_in_dim": 32,
+    "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 2, "depth_single_blocks": 2,
+    "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True,
+}
+
+CHROMA_CONFIG = {
+    "image_model": "chroma", "in_channels": 64, "out_channels": 64, "context_in_dim": 32, "hidden_size": 64,
+    "mlp_ratio": 2.0, "num_heads": 2, "depth": 2, "depth_single_blocks": 2, "axes_dim": [8, 12, 12],
+    "theta": 10000, "patch_size": 2, "qkv_bias": True, "in_dim": 64, "out_dim": 64,
+    "hidden_dim": 32, "n_layers": 2,
+}
+
+
+def build(config_class_name: str, unet_config: dict, seed: int = 0):
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    model_config = getattr(comfy.supported_models, config_class_name)(dict(unet_config))
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({})
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    device = comfy.model_management.get_torch_device()
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
+
+
+class BlockCounter:
+    """Counts forward calls of every transformer block with torch hooks, so
+    the count does not depend on anything the pack reports."""
+
+    def __init__(self, diffusion_model, attributes=("double_blocks", "single_blocks")):
+        self.calls = 0
+        self.handles = []
+        for attribute in attributes:
+            for block in getattr(diffusion_model, attribute):
+                self.handles.append(block.register_forward_hook(self._count))
+
+    def _count(self, module, inputs, output):
+        self.calls += 1
+
+    def close(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+def conditioning(batch: int, tokens: int = 8, width: int = 32, pooled: int = 32, seed: int = 1, guidance=3.5):
+    generator = torch.Generator().manual_seed(seed)
+    cross = torch.randn(batch, tokens, width, generator=generator)
+    extras = {"pooled_output": torch.randn(batch, pooled, generator=generator)}
+    if guidance is not None:
+        extras["guidance"] = guidance
+    return [[cross, extras]]
+
+
+def sample(model_patcher, steps=12, cfg=1.0, batch=1, seed=0, size=16, sampler="euler", scheduler="simple"):
+    import comfy.sample
+
+    latent = torch.zeros(batch, 16, size, size)
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
+    positive = conditioning(batch, seed=1)
+    negative = conditioning(batch, seed=2)
+    return comfy.sample.sample(model_patcher, noise, steps, cfg, sampler, scheduler, positive, negative, latent,
+                               seed=seed, disable_pbar=True)

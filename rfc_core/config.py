@@ -39,7 +39,7 @@ class CacheConfig:
         schedule may be skipped (0 is the start of sampling, 1 the end).
     """
 
-    threshold: float = 0.4
+    threshold: float = 0.5
     max_skip: int = 3
     order: int = 2
     estimator: str = "rfe"

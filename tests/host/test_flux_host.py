@@ -131,3 +131,24 @@ def test_caching_failure_falls_back_to_full_computation(family, monkeypatch, cap
     latent = sample(rfc(nodes, model, **FORCED), steps=STEPS)
     assert torch.equal(latent, reference)
     assert sum("caching failed" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_summary_reaches_the_node_through_the_server(family, monkeypatch):
+    name, model, nodes = family
+    sent = []
+
+    class FakePromptServer:
+        instance = None
+
+        def send_sync(self, event, data, sid=None):
+            sent.append((event, data))
+
+    FakePromptServer.instance = FakePromptServer()
+    fake_server = type(sys)("server")
+    fake_server.PromptServer = FakePromptServer
+    monkeypatch.setitem(sys.modules, "server", fake_server)
+    sample(rfc(nodes, model, **FORCED), steps=STEPS)
+    assert len(sent) == 1
+    event, data = sent[0]
+    assert event == "rfc-cache.summary" and data["node"] == "7"
+    assert f"computed 5 of {STEPS} model evaluations" in data["summary"]

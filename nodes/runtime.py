@@ -84,7 +84,8 @@ class SamplingSession:
         streams = [args[name] for name in adapter.streams(kind)]
         try:
             chunk_key = adapter.chunk_key(kind, args, transformer_options)
-            module_input = adapter.module_input(self.diffusion_model, kind, index, args)
+            module_input = (adapter.module_input(self.diffusion_model, kind, index, args)
+                            if self.run.needs_module_input(module_key) else None)
             packed_input = pack(streams)
             residual = self.run.predict(chunk_key, module_key, module_input)
             if residual is not None:

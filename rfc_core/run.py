@@ -105,6 +105,12 @@ class RFCRun:
             self.cached_in_row = 0
             self.scheduler.on_full()
 
+    def needs_module_input(self, module_key: Hashable) -> bool:
+        """Only RFE and the RCS decision read module inputs; skip building them otherwise."""
+        if self.config.estimator == "rfe":
+            return True
+        return module_key == self.first_module and self.scheduler.needs_forecast_error
+
     def predict(self, chunk_key: Hashable, module_key: Hashable,
                 module_input: torch.Tensor | None) -> torch.Tensor | None:
         """The predicted residual of this module, or None when it must be computed."""

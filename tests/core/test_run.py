@@ -146,3 +146,12 @@ def test_bad_choice_and_window_order_are_rejected():
         CacheConfig(estimator="magic")
     with pytest.raises(ValueError, match="'start_percent'"):
         CacheConfig(start_percent=0.6, end_percent=0.5)
+
+
+def test_module_inputs_are_only_requested_where_they_are_read():
+    rfc = RFCRun(CacheConfig(), first_module=FIRST)
+    assert rfc.needs_module_input(FIRST) and rfc.needs_module_input(("block", 1))
+    taylor_rcs = RFCRun(CacheConfig(estimator="taylor"), first_module=FIRST)
+    assert taylor_rcs.needs_module_input(FIRST) and not taylor_rcs.needs_module_input(("block", 1))
+    fora = RFCRun(CacheConfig(estimator="reuse", scheduler="fixed"), first_module=FIRST)
+    assert not fora.needs_module_input(FIRST)

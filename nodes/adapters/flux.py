@@ -10,42 +10,44 @@ hidden state of the first block does not depend on the timestep at all.
 
 from __future__ import annotations
 
-import torch
-
 from .base import BlockAdapter
 
-FLUX_GROUPS = (
-    ("double_block", "double_blocks", ("img", "txt")),
-    ("single_block", "single_blocks", ("img",)),
-)
+
+class _FluxLikeAdapter(BlockAdapter):
+    """Flux and Chroma blocks share their norms and differ only in where the
+    adaLN modulation of the image stream comes from."""
+
+    block_groups = (
+        ("double_block", "double_blocks", ("img", "txt")),
+        ("single_block", "single_blocks", ("img",)),
+    )
+
+    def image_modulation(self, block, kind, args):
+        raise NotImplementedError
+
+    def module_input(self, diffusion_model, kind, index, args):
+        block = self.block(diffusion_model, kind, index)
+        norm = block.img_norm1 if kind == "double_block" else block.pre_norm
+        modulation = self.image_modulation(block, kind, args)
+        return norm(args["img"]) * (1 + modulation.scale) + modulation.shift
 
 
-def _modulate(normalised: torch.Tensor, modulation) -> torch.Tensor:
-    return normalised * (1 + modulation.scale) + modulation.shift
-
-
-class FluxAdapter(BlockAdapter):
+class FluxAdapter(_FluxLikeAdapter):
     family = "flux"
     model_classes = ("comfy.ldm.flux.model.Flux",)
-    block_groups = FLUX_GROUPS
 
-    def module_input(self, diffusion_model, kind, index, args):
-        block = self.block(diffusion_model, kind, index)
-        if kind == "double_block":
-            modulation = block.img_mod(args["vec"])[0]
-            return _modulate(block.img_norm1(args["img"]), modulation)
-        modulation = block.modulation(args["vec"])[0]
-        return _modulate(block.pre_norm(args["img"]), modulation)
+    def image_modulation(self, block, kind, args):
+        modulation_layer = block.img_mod if kind == "double_block" else block.modulation
+        return modulation_layer(args["vec"])[0]
 
 
-class ChromaAdapter(BlockAdapter):
+class ChromaAdapter(_FluxLikeAdapter):
     family = "chroma"
     model_classes = ("comfy.ldm.chroma.model.Chroma",)
-    block_groups = FLUX_GROUPS
 
-    def module_input(self, diffusion_model, kind, index, args):
-        block = self.block(diffusion_model, kind, index)
+    def image_modulation(self, block, kind, args):
+        # Chroma computes every block's modulation up front and passes it as `vec`.
         if kind == "double_block":
             (image_modulation, _), _ = args["vec"]
-            return _modulate(block.img_norm1(args["img"]), image_modulation)
-        return _modulate(block.pre_norm(args["img"]), args["vec"])
+            return image_modulation
+        return args["vec"]

@@ -152,3 +152,38 @@ def test_summary_reaches_the_node_through_the_server(family, monkeypatch):
     event, data = sent[0]
     assert event == "rfc-cache.summary" and data["node"] == "7"
     assert f"computed 5 of {STEPS} model evaluations" in data["summary"]
+
+
+def test_module_input_is_what_the_block_feeds_its_first_linear(family):
+    """The adapter's cheap module input must be exactly the modulated,
+    normalised stream the block itself computes (captured from inside it)."""
+    name, model, nodes = family
+    diffusion_model = model.model.diffusion_model
+    node_module = nodes.NODE_CLASS_MAPPINGS["RFCCache"].__module__
+    adapters = sys.modules[node_module.rsplit(".", 1)[0] + ".adapters"]
+    adapter = adapters.detect_adapter(diffusion_model)
+    assert adapter.family == name
+    captured = {}
+
+    class Capture:
+        def __init__(self, key):
+            self.key = key
+
+        def __call__(self, args, extra):
+            captured[self.key] = (adapter.module_input(diffusion_model, *self.key, args), [])
+            block = adapter.block(diffusion_model, *self.key)
+            first_linear = block.img_attn.qkv if self.key[0] == "double_block" else block.linear1
+            handle = first_linear.register_forward_pre_hook(
+                lambda module, inputs: captured[self.key][1].append(inputs[0].clone()))
+            try:
+                return extra["original_block"](args)
+            finally:
+                handle.remove()
+
+    patched = model.clone()
+    for key in adapter.block_keys(diffusion_model):
+        patched.set_model_patch_replace(Capture(key), "dit", *key)
+    sample(patched, steps=2)
+    assert len(captured) == len(adapter.block_keys(diffusion_model))
+    for key, (module_input, inside) in captured.items():
+        torch.testing.assert_close(module_input, inside[0], rtol=1e-5, atol=1e-6, msg=str(key))

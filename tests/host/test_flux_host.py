@@ -187,3 +187,17 @@ def test_module_input_is_what_the_block_feeds_its_first_linear(family):
     assert len(captured) == len(adapter.block_keys(diffusion_model))
     for key, (module_input, inside) in captured.items():
         torch.testing.assert_close(module_input, inside[0], rtol=1e-5, atol=1e-6, msg=str(key))
+
+
+def test_cond_and_uncond_in_separate_chunks_share_each_decision(family, monkeypatch):
+    """With too little free memory ComfyUI runs cond and uncond as separate
+    forwards; both must be skipped together and keep their own features."""
+    name, model, nodes = family
+    diffusion_model = model.model.diffusion_model
+    batched, batched_calls = counted_sample(rfc(nodes, model, **FORCED), diffusion_model, steps=STEPS, cfg=3.0)
+    monkeypatch.setattr(model.model, "memory_required", lambda *args, **kwargs: float("inf"))
+    split, split_calls = counted_sample(rfc(nodes, model, **FORCED), diffusion_model, steps=STEPS, cfg=3.0)
+    blocks = len(diffusion_model.double_blocks) + len(diffusion_model.single_blocks)
+    assert batched_calls == 5 * blocks  # one batched forward per computed evaluation
+    assert split_calls == 2 * 5 * blocks  # two forwards, computed on the same 5 evaluations
+    torch.testing.assert_close(split, batched, rtol=1e-4, atol=1e-4)

@@ -63,15 +63,16 @@ def test_cache_that_never_gets_to_skip_is_bit_identical(family):
 def test_forced_caching_cuts_block_executions_to_about_a_third(family, cfg, batch):
     name, model, nodes = family
     diffusion_model = model.model.diffusion_model
-    reference, reference_calls = counted_sample(model, diffusion_model, steps=STEPS, cfg=cfg, batch=batch)
+    steps = 30
+    reference, reference_calls = counted_sample(model, diffusion_model, steps=steps, cfg=cfg, batch=batch)
     patched = rfc(nodes, model, **FORCED)
-    latent, calls = counted_sample(patched, diffusion_model, steps=STEPS, cfg=cfg, batch=batch)
+    latent, calls = counted_sample(patched, diffusion_model, steps=steps, cfg=cfg, batch=batch)
     blocks = len(diffusion_model.double_blocks) + len(diffusion_model.single_blocks)
-    chunks = reference_calls // (STEPS * blocks)
+    chunks = reference_calls // (steps * blocks)
     # warm-up of order + 1 = 2 full evaluations, then two predicted and one
-    # computed: evaluations 1, 2, 5, 8 and 11 of 12 are computed
-    full_evaluations = 2 + (STEPS - 2) // (FORCED["max_skip"] + 1)
-    assert full_evaluations == 5
+    # computed: 2 + 28 // 3 = 11 of 30 evaluations are computed
+    full_evaluations = 2 + (steps - 2) // (FORCED["max_skip"] + 1)
+    assert full_evaluations == 11
     assert calls == full_evaluations * blocks * chunks
     assert torch.isfinite(latent).all()
     assert latent.shape == reference.shape

@@ -102,9 +102,9 @@ class SamplingSession:
             self.fail(f"recording {kind} {index}")
         return output
 
-    def finish(self, family: str) -> str:
+    def finish(self) -> str:
         self.run.finish()
-        summary = f"RFC on {family}: {self.run.summary()}"
+        summary = f"RFC on {self.adapter.family}: {self.run.summary()}"
         if self.failed:
             summary += " (caching failed part-way; the rest was computed in full)"
         logger.info("%s", summary)
@@ -170,7 +170,7 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     finally:
         guider.model_options = original_options
         if session is not None:
-            session.finish(settings.adapter.family)
+            session.finish()
 
 
 def calc_cond_batch_wrapper(executor, *args, **kwargs):

@@ -46,17 +46,17 @@ class BlockAdapter:
             keys.extend((kind, i) for i in range(len(blocks)))
         return keys
 
-    def streams(self, kind: str) -> tuple[str, ...]:
-        for group_kind, _, streams in self.block_groups:
-            if group_kind == kind:
-                return streams
+    def _group(self, kind: str) -> tuple[str, str, tuple[str, ...]]:
+        for group in self.block_groups:
+            if group[0] == kind:
+                return group
         raise KeyError(kind)
 
+    def streams(self, kind: str) -> tuple[str, ...]:
+        return self._group(kind)[2]
+
     def block(self, diffusion_model, kind: str, index: int) -> torch.nn.Module:
-        for group_kind, attribute, _ in self.block_groups:
-            if group_kind == kind:
-                return getattr(diffusion_model, attribute)[index]
-        raise KeyError(kind)
+        return getattr(diffusion_model, self._group(kind)[1])[index]
 
     def module_input(self, diffusion_model, kind: str, index: int, args: dict) -> torch.Tensor:
         raise NotImplementedError

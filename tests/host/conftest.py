@@ -8,16 +8,11 @@ ComfyUI's own model classes.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
-import tempfile
-from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-PACK_NAME = "ComfyUI-RFC"
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
 
 
@@ -33,17 +28,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def comfy():
     """ComfyUI imported on the CPU with this pack loaded from custom_nodes."""
-    if COMFYUI_PATH not in sys.path:
-        sys.path.insert(0, COMFYUI_PATH)
-    import comfy.cli_args
+    from benchmarks.host import boot_comfyui
 
-    comfy.cli_args.args.cpu = True
-    import folder_paths
-    import nodes
-
-    custom_nodes = Path(tempfile.mkdtemp(prefix="rfc-custom-nodes-"))
-    (custom_nodes / PACK_NAME).symlink_to(REPO_ROOT, target_is_directory=True)
-    folder_paths.folder_names_and_paths["custom_nodes"] = ([str(custom_nodes)], set())
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
-    assert "RFCCache" in nodes.NODE_CLASS_MAPPINGS, "the pack did not load; see the log above"
+    boot_comfyui(COMFYUI_PATH)
     return sys.modules["comfy"]

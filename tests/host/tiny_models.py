@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from benchmarks.host import BlockCounter as HookCounter
+
 FLUX_CONFIG = {
     "image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 32, "context_in_dim": 32,
     "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 2, "depth_single_blocks": 2,
@@ -35,23 +37,11 @@ def build(config_class_name: str, unet_config: dict, seed: int = 0):
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
 
 
-class BlockCounter:
-    """Counts forward calls of every transformer block with torch hooks, so
-    the count does not depend on anything the pack reports."""
+class BlockCounter(HookCounter):
+    """Counts real executions of every transformer block of a model."""
 
     def __init__(self, diffusion_model, attributes=("double_blocks", "single_blocks")):
-        self.calls = 0
-        self.handles = []
-        for attribute in attributes:
-            for block in getattr(diffusion_model, attribute):
-                self.handles.append(block.register_forward_hook(self._count))
-
-    def _count(self, module, inputs, output):
-        self.calls += 1
-
-    def close(self):
-        for handle in self.handles:
-            handle.remove()
+        super().__init__([block for attribute in attributes for block in getattr(diffusion_model, attribute)])
 
 
 def conditioning(batch: int, tokens: int = 8, width: int = 32, pooled: int = 32, seed: int = 1, guidance=3.5):

@@ -1,0 +1,140 @@
+"""Running the bundled model inside a real ComfyUI: its Flux class, its
+sampler, the pack's nodes as ComfyUI loads them, and core's EasyCache node.
+
+Used by the benchmark (with COMFYUI_PATH) and by the host tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .methods import Method, SampleResult
+from .tiny_flux import BUNDLED_WEIGHTS, LABEL_POOLED_KEY, LABEL_TOKENS_KEY, load_bundled
+
+PACK_ROOT = Path(__file__).resolve().parent.parent
+PACK_FOLDER = "ComfyUI-RFC"
+
+
+def boot_comfyui(comfyui_path: str):
+    """Import ComfyUI on the CPU and load this pack from a custom_nodes
+    folder through ComfyUI's own loader. Returns ComfyUI's `nodes` module."""
+    if comfyui_path not in sys.path:
+        sys.path.insert(0, comfyui_path)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    import folder_paths
+    import nodes
+
+    if "RFCCache" in nodes.NODE_CLASS_MAPPINGS:
+        return nodes
+    custom_nodes = Path(tempfile.mkdtemp(prefix="rfc-custom-nodes-"))
+    (custom_nodes / PACK_FOLDER).symlink_to(PACK_ROOT, target_is_directory=True)
+    folder_paths.folder_names_and_paths["custom_nodes"] = ([str(custom_nodes)], set())
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+    if "RFCCache" not in nodes.NODE_CLASS_MAPPINGS:
+        raise RuntimeError("ComfyUI did not load the pack; see the log above")
+    return nodes
+
+
+class BlockCounter:
+    """Counts forward calls of transformer blocks with torch hooks, so the
+    count does not depend on anything the pack reports."""
+
+    def __init__(self, blocks):
+        self.calls = 0
+        self.handles = [block.register_forward_hook(self._count) for block in blocks]
+
+    def _count(self, module, inputs, output):
+        self.calls += 1
+
+    def close(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+def comfy_flux_from_bundled(path: Path = BUNDLED_WEIGHTS):
+    """The bundled weights in ComfyUI's own Flux class, as a ModelPatcher."""
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+    from safetensors.torch import load_file
+
+    _, _, metadata = load_bundled(path)
+    unet_config = {"image_model": "flux", **json.loads(metadata["flux_config"])}
+    model_config = comfy.supported_models.Flux(unet_config)
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({})
+    state = {k: v.float() for k, v in load_file(str(path)).items()
+             if k not in (LABEL_TOKENS_KEY, LABEL_POOLED_KEY)}
+    model.diffusion_model.load_state_dict(state)
+    device = comfy.model_management.get_torch_device()
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
+
+
+def host_methods(methods):
+    """Core's EasyCache node stands in for the whole-model rule."""
+    return [Method("EasyCache node (core)", None, "easycache") if m.scheduler == "easycache" else m
+            for m in methods]
+
+
+class HostSampler:
+    """The benchmark's sample set through ComfyUI: euler, simple schedule, real CFG."""
+
+    def __init__(self, comfyui_path: str, labels: torch.Tensor, seeds: list[int], steps: int, cfg: float):
+        self.nodes = boot_comfyui(comfyui_path)
+        import comfyui_version
+
+        self.version = f"ComfyUI {comfyui_version.__version__}"
+        self.model = comfy_flux_from_bundled()
+        _, encoder, _ = load_bundled()
+        self.steps, self.cfg = steps, cfg
+        channels = self.model.model.diffusion_model.params.in_channels
+        self.noise = torch.cat([torch.randn(1, channels, 16, 16, generator=torch.Generator().manual_seed(seed))
+                                for seed in seeds])
+        tokens, pooled = encoder(labels)
+        empty_tokens, empty_pooled = encoder(torch.full_like(labels, encoder.empty))
+        self.positive = [[tokens, {"pooled_output": pooled}]]
+        self.negative = [[empty_tokens, {"pooled_output": empty_pooled}]]
+        self.latent_format = self.model.model.latent_format
+
+    def patched(self, method: Method | None, setting, max_skip: int):
+        if method is None:
+            return self.model
+        if method.scheduler == "easycache":
+            node = self.nodes.NODE_CLASS_MAPPINGS["EasyCache"]
+            return node.execute(model=self.model, reuse_threshold=float(setting), start_percent=0.0,
+                                end_percent=1.0, verbose=False).result[0]
+        widgets = dict(estimator=method.estimator, scheduler=method.scheduler, order=method.order,
+                       start_percent=0.0, end_percent=1.0)
+        if method.scheduler == "fixed":
+            widgets.update(interval=setting, max_skip=max(1, setting - 1), threshold=0.5)
+        else:
+            widgets.update(threshold=float(setting), max_skip=max_skip, interval=3)
+        return self.nodes.NODE_CLASS_MAPPINGS["RFCCacheAdvanced"]().apply(self.model, **widgets)[0]
+
+    @torch.no_grad()
+    def run(self, method: Method | None = None, setting=None, max_skip: int = 50) -> SampleResult:
+        import comfy.sample
+
+        model = self.patched(method, setting, max_skip)
+        diffusion_model = model.model.diffusion_model
+        first = BlockCounter([diffusion_model.double_blocks[0]])
+        every = BlockCounter(list(diffusion_model.double_blocks) + list(diffusion_model.single_blocks))
+        start = time.perf_counter()
+        try:
+            latent = comfy.sample.sample(model, self.noise, self.steps, self.cfg, "euler", "simple", self.positive,
+                                         self.negative, torch.zeros_like(self.noise), seed=0, disable_pbar=True)
+        finally:
+            first.close()
+            every.close()
+        seconds = time.perf_counter() - start
+        # Back to the model's own space, where the bundled "VAE" decodes.
+        return SampleResult(self.latent_format.process_in(latent), first.calls, every.calls, None, seconds)

@@ -1,0 +1,230 @@
+"""Benchmark: quality against compute for every caching method, on the
+bundled trained model, at matched numbers of full computations (NFC).
+
+Each method's setting (interval for fixed schedules, threshold for RCS and
+EasyCache's rule) is searched so that it computes as close as possible to
+each target NFC out of 50 steps; quality is PSNR and SSIM of the decoded
+images against full compute. Prints a markdown table, writes a plot of
+quality against NFC and a side-by-side image grid.
+
+    pip install pillow matplotlib
+    python -m benchmarks.run                   # about 5 minutes on 2 CPU cores
+    COMFYUI_PATH=/path/to/ComfyUI python -m benchmarks.run   # also through real ComfyUI
+
+With COMFYUI_PATH set, the same comparison runs a second time through
+ComfyUI's own Flux class, the pack's node function and ComfyUI's sampler,
+with core's EasyCache node in place of the whole-model rule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .methods import METHODS, Method, SampleResult, StandaloneSampler, rfc_core
+from .metrics import psnr, ssim
+from .tiny_flux import latent_to_pixels, load_bundled
+
+logger = logging.getLogger("benchmark")
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+DEFAULT_TARGETS = (25, 14, 10, 8, 6)
+# Threshold search range (log10) for RCS and EasyCache's rule.
+LOG_THRESHOLD_RANGE = (-4.0, 1.0)
+
+
+@dataclass
+class Row:
+    method: str
+    target: int
+    setting: float
+    result: SampleResult
+    psnr: float
+    ssim: float
+    time_ratio: float
+
+
+def fixed_schedule_nfc(method: Method, interval: int, steps: int) -> int:
+    """NFC of a fixed schedule, from the run's own decision logic on dummy features."""
+    run = rfc_core().RFCRun(method.config(interval, 50), first_module=0)
+    probe = torch.zeros(1, 1)
+    for step in range(steps):
+        run.start_evaluation(1.0 - step / steps)
+        if run.predict("chunk", 0, probe) is None:
+            run.record("chunk", 0, probe, probe)
+    return run.computed_evaluations
+
+
+def _closer(candidate_nfc: int, best_nfc: int | None, target: int) -> bool:
+    """Closer to the target wins; on a tie the one computing more wins, so a
+    baseline is never handicapped by the matching."""
+    if best_nfc is None:
+        return True
+    a, b = abs(candidate_nfc - target), abs(best_nfc - target)
+    return a < b or (a == b and candidate_nfc > best_nfc)
+
+
+def match(sampler, method: Method, target: int, max_skip: int, memo: dict) -> tuple[float, SampleResult]:
+    steps = sampler.steps
+    if not method.searches_threshold:
+        best = None
+        for interval in range(1, steps + 1):
+            nfc = fixed_schedule_nfc(method, interval, steps)
+            if _closer(nfc, None if best is None else best[1], target):
+                best = (interval, nfc)
+        return best[0], sampler.run(method, best[0])
+
+    def evaluate(threshold: float) -> SampleResult:
+        key = (method, round(threshold, 12))
+        if key not in memo:
+            memo[key] = sampler.run(method, threshold, max_skip)
+        return memo[key]
+
+    low, high = LOG_THRESHOLD_RANGE
+    best = None
+    for _ in range(14):
+        middle = (low + high) / 2
+        result = evaluate(10 ** middle)
+        if _closer(result.nfc, None if best is None else best[1].nfc, target):
+            best = (10 ** middle, result)
+        if result.nfc == target:
+            break
+        if result.nfc > target:
+            low = middle
+        else:
+            high = middle
+    return best
+
+
+def benchmark(sampler, methods, targets, max_skip: int, label: str) -> tuple[list[Row], torch.Tensor, dict]:
+    full_times = []
+    reference = None
+    for _ in range(3):
+        full = sampler.run(None)
+        full_times.append(full.seconds)
+        reference = full.latent
+    full_seconds = statistics.median(full_times)
+    reference_pixels = latent_to_pixels(reference)
+    rows, images = [], {}
+    memo: dict = {}
+    for method in methods:
+        for target in targets:
+            started = time.perf_counter()
+            setting, result = match(sampler, method, target, max_skip, memo)
+            pixels = latent_to_pixels(result.latent)
+            rows.append(Row(method.name, target, setting, result, psnr(pixels, reference_pixels),
+                            ssim(pixels, reference_pixels), result.seconds / full_seconds))
+            images[(method.name, target)] = pixels
+            logger.info("%s: %s at NFC %d (target %d) searched in %.1fs", label, method.name, result.nfc, target,
+                        time.perf_counter() - started)
+    return rows, reference_pixels, images
+
+
+def markdown_table(rows: list[Row], steps: int, title: str) -> str:
+    lines = [f"### {title}", "",
+             "| method | target NFC | NFC | setting | PSNR (dB) | SSIM | time vs full | cache memory |",
+             "|---|---|---|---|---|---|---|---|",
+             f"| full compute | {steps} | {steps} | - | inf | 1.000 | 1.00 | 0 |"]
+    for row in rows:
+        setting = (f"interval {row.setting}" if isinstance(row.setting, int) else f"threshold {row.setting:.4g}")
+        memory = "-" if row.result.cache_bytes is None else f"{row.result.cache_bytes / 2**20:.2f} MiB"
+        lines.append(f"| {row.method} | {row.target} | {row.result.nfc} | {setting} | {row.psnr:.2f} | "
+                     f"{row.ssim:.3f} | {row.time_ratio:.2f} | {memory} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[Row], path: Path, title: str) -> Path | None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed; no plot written (pip install matplotlib)")
+        return None
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name in dict.fromkeys(row.method for row in rows):
+        mine = sorted((r for r in rows if r.method == name), key=lambda r: r.result.nfc)
+        style = dict(linewidth=2.5) if name.startswith("RFC") else dict(linewidth=1.2)
+        for axis, metric in zip(axes, ("psnr", "ssim")):
+            axis.plot([r.result.nfc for r in mine], [getattr(r, metric) for r in mine], marker="o", label=name,
+                      **style)
+    axes[0].set_ylabel("PSNR vs full compute (dB)")
+    axes[1].set_ylabel("SSIM vs full compute")
+    for axis in axes:
+        axis.set_xlabel("full computations (NFC) of 50 steps")
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    figure.suptitle(title)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def image_grid(reference: torch.Tensor, images: dict, methods, target: int, path: Path, count: int = 8):
+    """Columns: full compute, then each method at the target NFC; rows: samples."""
+    from PIL import Image
+
+    columns = [reference[:count]] + [images[(m.name, target)][:count] for m in methods]
+    pad = 2
+    tiles = [torch.nn.functional.pad(torch.stack(list(col)), (pad, pad, pad, pad), value=1.0) for col in columns]
+    grid = torch.cat([torch.cat(list(column), dim=1) for column in tiles], dim=2)
+    array = grid.permute(1, 2, 0).mul(255).round().byte().numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).resize((array.shape[1] * 3, array.shape[0] * 3), Image.NEAREST).save(path)
+    return path
+
+
+def sample_set(count: int, classes: int) -> tuple[torch.Tensor, list[int]]:
+    """The fixed benchmark set: labels cycle through the classes, seed i for sample i."""
+    return torch.arange(count) % classes, list(range(count))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--cfg", type=float, default=3.0)
+    parser.add_argument("--nfc", type=int, nargs="+", default=list(DEFAULT_TARGETS))
+    parser.add_argument("--max-skip", type=int, default=50,
+                        help="max_skip for the threshold-driven methods (the fixed ones skip interval-1)")
+    parser.add_argument("--methods", nargs="+", help="substrings of method names to run (default: all)")
+    parser.add_argument("--out", type=Path, default=DOCS)
+    parser.add_argument("--no-host", action="store_true", help="skip the ComfyUI pass even with COMFYUI_PATH set")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.manual_seed(0)
+
+    model, encoder, _ = load_bundled()
+    labels, seeds = sample_set(args.samples, len(encoder.names))
+    methods = [m for m in METHODS if not args.methods or any(s.lower() in m.name.lower() for s in args.methods)]
+    grid_target = min(args.nfc, key=lambda n: abs(n - 10))
+
+    sampler = StandaloneSampler(model, encoder, labels, seeds, args.steps, args.cfg)
+    rows, reference, images = benchmark(sampler, methods, args.nfc, args.max_skip, "standalone")
+    title = (f"Bundled tiny Flux, {args.samples} samples, {args.steps} Euler steps, cfg {args.cfg}, "
+             f"{torch.get_num_threads()} CPU threads")
+    print(markdown_table(rows, args.steps, title))
+    plot(rows, args.out / "benchmark_quality_vs_nfc.png", "Quality against full compute, bundled tiny Flux")
+    image_grid(reference, images, methods, grid_target, args.out / f"benchmark_grid_nfc{grid_target}.png")
+
+    comfyui_path = os.environ.get("COMFYUI_PATH")
+    if comfyui_path and not args.no_host:
+        from .host import HostSampler, host_methods
+
+        host_sampler = HostSampler(comfyui_path, labels, seeds, args.steps, args.cfg)
+        host_rows, _, _ = benchmark(host_sampler, host_methods(methods), args.nfc, args.max_skip, "ComfyUI")
+        print()
+        print(markdown_table(host_rows, args.steps, f"Through ComfyUI ({host_sampler.version}): {title}"))
+
+
+if __name__ == "__main__":
+    main()

@@ -47,7 +47,7 @@ def test_repeated_sigma_replaces_the_newest_point():
     torch.testing.assert_close(history.forecast(0.2), polynomial(0.2, 2, base))
 
 
-def linear_module_run(estimator_cls, order):
+def linear_module_run(estimator_cls, order, target=0.2):
     """A linear module whose input moves along one direction with irregular
     step sizes: the output change is proportional to the input change."""
     torch.manual_seed(0)
@@ -68,16 +68,22 @@ def linear_module_run(estimator_cls, order):
     estimator = estimator_cls(order)
     for sigma in (1.0, 0.9, 0.75)[: order + 1]:
         estimator.update(sigma, module_output(sigma), module_input(sigma))
-    target = 0.55
     return estimator.predict(target, module_input(target)), module_output(target)
 
 
-@pytest.mark.parametrize("order", [1, 2])
-def test_rfe_is_exact_on_a_linear_module_where_taylor_is_not(order):
-    predicted, truth = linear_module_run(RelationalEstimator, order)
+def test_rfe_is_exact_on_a_linear_module_where_taylor_is_not():
+    """By 0.2 the input has moved less than Taylor's straight line says, the
+    case where the relational step (never longer than Taylor's) is exact."""
+    predicted, truth = linear_module_run(RelationalEstimator, 1)
     torch.testing.assert_close(predicted, truth, rtol=1e-9, atol=1e-9)
-    taylor_predicted, _ = linear_module_run(TaylorEstimator, order)
+    taylor_predicted, _ = linear_module_run(TaylorEstimator, 1)
     assert (taylor_predicted - truth).abs().max() > 1e-2
+
+
+def test_rfe_of_order_two_is_far_closer_than_taylor_on_a_linear_module():
+    predicted, truth = linear_module_run(RelationalEstimator, 2)
+    taylor_predicted, _ = linear_module_run(TaylorEstimator, 2)
+    assert (predicted - truth).abs().max() < 0.25 * (taylor_predicted - truth).abs().max()
 
 
 def test_rfe_falls_back_to_taylor_without_two_full_computations():
@@ -90,6 +96,19 @@ def test_rfe_keeps_a_gain_per_sample():
     estimator = RelationalEstimator(1)
     estimator.update(1.0, torch.zeros(2, 1), torch.zeros(2, 1))
     estimator.update(0.5, torch.tensor([[1.0], [1.0]]), torch.tensor([[1.0], [0.5]]))
-    # gains are 1 and 2; both inputs move by another 1 from the last full step
-    predicted = estimator.predict(0.25, torch.tensor([[2.0], [1.5]]))
-    torch.testing.assert_close(predicted, torch.tensor([[2.0], [3.0]]))
+    # gains are 1 and 2; Taylor's step is +0.5 for both, the inputs move by
+    # 0.25 and 0.1 from the last full step
+    predicted = estimator.predict(0.25, torch.tensor([[1.25], [0.6]]))
+    torch.testing.assert_close(predicted, torch.tensor([[1.25], [1.2]]))
+
+
+def test_rfe_never_lengthens_taylors_step():
+    estimator = RelationalEstimator(1)
+    estimator.update(1.0, torch.zeros(1, 2), torch.zeros(1, 2))
+    estimator.update(0.5, torch.ones(1, 2), torch.ones(1, 2))
+    # the input jumps by 10 where Taylor's step has size 0.5 per element
+    predicted = estimator.predict(0.25, torch.full((1, 2), 11.0))
+    taylor = TaylorEstimator(1)
+    taylor.update(1.0, torch.zeros(1, 2), None)
+    taylor.update(0.5, torch.ones(1, 2), None)
+    torch.testing.assert_close(predicted, taylor.predict(0.25, None))

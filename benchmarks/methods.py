@@ -71,8 +71,9 @@ METHODS = (
     Method("FORA (reuse, fixed)", "reuse", "fixed", 0),
     Method("TaylorSeer m=1 (fixed)", "taylor", "fixed", 1),
     Method("TaylorSeer m=2 (fixed)", "taylor", "fixed", 2),
-    Method("RFE m=2 (fixed)", "rfe", "fixed", 2),
-    Method("RCS m=2 (Taylor)", "taylor", "rcs", 2),
+    Method("RFE m=1 (fixed)", "rfe", "fixed", 1),
+    Method("RCS m=1 (Taylor)", "taylor", "rcs", 1),
+    Method("RFC m=1 (RFE + RCS)", "rfe", "rcs", 1),
     Method("RFC m=2 (RFE + RCS)", "rfe", "rcs", 2),
     Method("EasyCache rule (whole model)", None, "easycache"),
 )

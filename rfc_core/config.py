@@ -39,9 +39,9 @@ class CacheConfig:
         schedule may be skipped (0 is the start of sampling, 1 the end).
     """
 
-    threshold: float = 0.5
+    threshold: float = 0.1
     max_skip: int = 3
-    order: int = 2
+    order: int = 1
     estimator: str = "rfe"
     scheduler: str = "rcs"
     interval: int = 3

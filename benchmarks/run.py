@@ -112,22 +112,30 @@ def benchmark(sampler, methods, targets, max_skip: int, label: str) -> tuple[lis
         reference = full.latent
     full_seconds = statistics.median(full_times)
     reference_pixels = latent_to_pixels(reference)
-    rows, images = [], {}
+    rows, images, failures = [], {}, []
     memo: dict = {}
     for method in methods:
         for target in targets:
             started = time.perf_counter()
-            setting, result = match(sampler, method, target, max_skip, memo)
+            try:
+                setting, result = match(sampler, method, target, max_skip, memo)
+            except RuntimeError as error:
+                # A baseline that crashes is a result too (core's EasyCache
+                # node fails on batched cond/uncond at some ComfyUI versions).
+                logger.warning("%s: %s failed: %s", label, method.name, error)
+                failures.append(f"| {method.name} | {target} | failed: {str(error).splitlines()[0][:120]} |"
+                                " | | | | |")
+                break
             pixels = latent_to_pixels(result.latent)
             rows.append(Row(method.name, target, setting, result, psnr(pixels, reference_pixels),
                             ssim(pixels, reference_pixels), result.seconds / full_seconds))
             images[(method.name, target)] = pixels
             logger.info("%s: %s at NFC %d (target %d) searched in %.1fs", label, method.name, result.nfc, target,
                         time.perf_counter() - started)
-    return rows, reference_pixels, images
+    return rows, reference_pixels, images, failures
 
 
-def markdown_table(rows: list[Row], steps: int, title: str) -> str:
+def markdown_table(rows: list[Row], steps: int, title: str, failures: list[str] = ()) -> str:
     lines = [f"### {title}", "",
              "| method | target NFC | NFC | setting | PSNR (dB) | SSIM | time vs full | cache memory |",
              "|---|---|---|---|---|---|---|---|",
@@ -137,7 +145,7 @@ def markdown_table(rows: list[Row], steps: int, title: str) -> str:
         memory = "-" if row.result.cache_bytes is None else f"{row.result.cache_bytes / 2**20:.2f} MiB"
         lines.append(f"| {row.method} | {row.target} | {row.result.nfc} | {setting} | {row.psnr:.2f} | "
                      f"{row.ssim:.3f} | {row.time_ratio:.2f} | {memory} |")
-    return "\n".join(lines)
+    return "\n".join(lines + list(failures))
 
 
 def plot(rows: list[Row], path: Path, title: str) -> Path | None:
@@ -209,10 +217,10 @@ def main(argv=None) -> None:
     grid_target = min(args.nfc, key=lambda n: abs(n - 10))
 
     sampler = StandaloneSampler(model, encoder, labels, seeds, args.steps, args.cfg)
-    rows, reference, images = benchmark(sampler, methods, args.nfc, args.max_skip, "standalone")
+    rows, reference, images, failures = benchmark(sampler, methods, args.nfc, args.max_skip, "standalone")
     title = (f"Bundled tiny Flux, {args.samples} samples, {args.steps} Euler steps, cfg {args.cfg}, "
              f"{torch.get_num_threads()} CPU threads")
-    print(markdown_table(rows, args.steps, title))
+    print(markdown_table(rows, args.steps, title, failures))
     plot(rows, args.out / "benchmark_quality_vs_nfc.png", "Quality against full compute, bundled tiny Flux")
     image_grid(reference, images, methods, grid_target, args.out / f"benchmark_grid_nfc{grid_target}.png")
 
@@ -221,9 +229,11 @@ def main(argv=None) -> None:
         from .host import HostSampler, host_methods
 
         host_sampler = HostSampler(comfyui_path, labels, seeds, args.steps, args.cfg)
-        host_rows, _, _ = benchmark(host_sampler, host_methods(methods), args.nfc, args.max_skip, "ComfyUI")
+        host_rows, _, _, host_failures = benchmark(host_sampler, host_methods(methods), args.nfc, args.max_skip,
+                                                   "ComfyUI")
         print()
-        print(markdown_table(host_rows, args.steps, f"Through ComfyUI ({host_sampler.version}): {title}"))
+        print(markdown_table(host_rows, args.steps, f"Through ComfyUI ({host_sampler.version}): {title}",
+                             host_failures))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .methods import Method, SampleResult
-from .tiny_flux import BUNDLED_WEIGHTS, LABEL_POOLED_KEY, LABEL_TOKENS_KEY, load_bundled
+from .tiny_flux import BUNDLED_WEIGHTS, LABEL_POOLED_KEY, LABEL_TOKENS_KEY, bundled_metadata, load_bundled
 
 PACK_ROOT = Path(__file__).resolve().parent.parent
 PACK_FOLDER = "ComfyUI-RFC"
@@ -67,8 +67,7 @@ def comfy_flux_from_bundled(path: Path = BUNDLED_WEIGHTS):
     import comfy.supported_models
     from safetensors.torch import load_file
 
-    _, _, metadata = load_bundled(path)
-    unet_config = {"image_model": "flux", **json.loads(metadata["flux_config"])}
+    unet_config = {"image_model": "flux", **json.loads(bundled_metadata(path)["flux_config"])}
     model_config = comfy.supported_models.Flux(unet_config)
     model_config.set_inference_dtype(torch.float32, None)
     model = model_config.get_model({})

@@ -301,13 +301,19 @@ class LabelEncoder:
         return self.tokens[labels], self.pooled[labels]
 
 
-def load_bundled(path: Path = BUNDLED_WEIGHTS, dtype=torch.float32):
-    """The trained model, its label encoder and its metadata."""
+def bundled_metadata(path: Path = BUNDLED_WEIGHTS) -> dict:
+    """The safetensors metadata: Flux config, label names, training settings."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata()
+        return handle.metadata()
+
+
+def load_bundled(path: Path = BUNDLED_WEIGHTS, dtype=torch.float32):
+    """The trained model, its label encoder and its metadata."""
+    from safetensors.torch import load_file
+
+    metadata = bundled_metadata(path)
     state = {k: v.to(dtype) for k, v in load_file(str(path)).items()}
     config = json.loads(metadata["flux_config"])
     model = TinyFlux(config)

@@ -7,6 +7,7 @@ Used by the benchmark (with COMFYUI_PATH) and by the host tests.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import sys
 import tempfile
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .methods import Method, SampleResult
+from .methods import Method, SampleResult, seeded_noise
 from .tiny_flux import BUNDLED_WEIGHTS, LABEL_POOLED_KEY, LABEL_TOKENS_KEY, bundled_metadata, load_bundled
 
 PACK_ROOT = Path(__file__).resolve().parent.parent
@@ -96,8 +97,7 @@ class HostSampler:
         _, encoder, _ = load_bundled()
         self.steps, self.cfg = steps, cfg
         channels = self.model.model.diffusion_model.params.in_channels
-        self.noise = torch.cat([torch.randn(1, channels, 16, 16, generator=torch.Generator().manual_seed(seed))
-                                for seed in seeds])
+        self.noise = seeded_noise(seeds, channels)
         tokens, pooled = encoder(labels)
         empty_tokens, empty_pooled = encoder(torch.full_like(labels, encoder.empty))
         self.positive = [[tokens, {"pooled_output": pooled}]]
@@ -111,12 +111,9 @@ class HostSampler:
             node = self.nodes.NODE_CLASS_MAPPINGS["EasyCache"]
             return node.execute(model=self.model, reuse_threshold=float(setting), start_percent=0.0,
                                 end_percent=1.0, verbose=False).result[0]
-        widgets = dict(estimator=method.estimator, scheduler=method.scheduler, order=method.order,
-                       start_percent=0.0, end_percent=1.0)
-        if method.scheduler == "fixed":
-            widgets.update(interval=setting, max_skip=max(1, setting - 1), threshold=0.5)
-        else:
-            widgets.update(threshold=float(setting), max_skip=max_skip, interval=3)
+        # The node's widgets are the config's fields: the node gets exactly
+        # what the standalone benchmark runs.
+        widgets = dataclasses.asdict(method.config(setting, max_skip))
         return self.nodes.NODE_CLASS_MAPPINGS["RFCCacheAdvanced"]().apply(self.model, **widgets)[0]
 
     @torch.no_grad()

@@ -112,6 +112,13 @@ class EasyCacheRule:
                    if t is not None)
 
 
+def seeded_noise(seeds: list[int], channels: int, size: int = 16) -> torch.Tensor:
+    """One latent of noise per seed, each from its own generator, so a sample
+    does not depend on the others in the set (and ComfyUI gets the same noise)."""
+    return torch.cat([torch.randn(1, channels, size, size, generator=torch.Generator().manual_seed(seed))
+                      for seed in seeds])
+
+
 @dataclass
 class SampleResult:
     latent: torch.Tensor
@@ -130,10 +137,7 @@ class StandaloneSampler:
         self.steps = steps
         self.cfg = cfg
         self.sigmas = flux_sigmas(steps)
-        size = 16
-        self.noise = torch.cat([
-            torch.randn(1, model.config["in_channels"], size, size, generator=torch.Generator().manual_seed(seed))
-            for seed in seeds])
+        self.noise = seeded_noise(seeds, model.config["in_channels"])
         self.tokens, self.pooled = encoder(torch.cat([labels, torch.full_like(labels, encoder.empty)]))
         self.block_count = len(model.double_blocks) + len(model.single_blocks)
 

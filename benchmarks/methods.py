@@ -170,8 +170,8 @@ class StandaloneSampler:
     def _run_blocks(self, config, start) -> SampleResult:
         load_pack()
         from_runtime = sys.modules[f"{PACK_NAME}.nodes.runtime"]
-        adapter = sys.modules[f"{PACK_NAME}.nodes.adapters"].FluxAdapter()
-        settings = from_runtime.CacheSettings(config, adapter, ("double_block", 0), None)
+        adapter = sys.modules[f"{PACK_NAME}.nodes.adapters"].adapter_for("flux")
+        settings = from_runtime.CacheSettings(config, "flux", "blocks", adapter, ("double_block", 0), None)
         session = from_runtime.SamplingSession(settings, self.model, None)
         replace = {key: from_runtime.CachedBlock(*key) for key in adapter.block_keys(self.model)}
         options = {"patches_replace": {"dit": replace}, from_runtime.SESSION_KEY: session, "cond_or_uncond": [0, 1]}

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import logging
+import types
 
 from ..rfc_core import ESTIMATORS, RANGES, SCHEDULERS, CacheConfig
-from .adapters import detect_adapter, supported_families
-from .runtime import (SETTINGS_KEY, WRAPPER_KEY, CacheSettings, CachedBlock, calc_cond_batch_wrapper,
-                      outer_sample_wrapper)
+from .adapters import REPLACE, BlockAdapter, detect_adapter, supported_families
+from .runtime import (MODEL_MODULE, SETTINGS_KEY, WRAPPER_KEY, CacheSettings, CachedBlock, CachedForward,
+                      apply_model_wrapper, calc_cond_batch_wrapper, outer_sample_wrapper)
 
 logger = logging.getLogger("ComfyUI-RFC")
 
 # Measured defaults: see README "Choosing the defaults".
 DEFAULTS = CacheConfig()
+# auto: each transformer block where the family has an adapter, else the
+# whole model call; model: always the whole model call.
+GRANULARITIES = ("auto", "model")
 
 
 def _float_widget(name: str, default: float, step: float, tooltip: str):
@@ -46,35 +50,82 @@ ADVANCED_INPUTS = {
                                      "tooltip": "rcs: compute when the input forecast error adds up past the "
                                                 "threshold; fixed: compute every `interval` evaluations."}),
     "interval": _int_widget("interval", DEFAULTS.interval, "For the fixed scheduler: one full computation every N."),
+    "granularity": (list(GRANULARITIES), {"default": "auto",
+                                          "tooltip": "What is cached. auto: each transformer block where the model "
+                                                     "family is supported, else the whole model call. model: "
+                                                     "always the whole model call."}),
 }
 
 
-def apply_rfc_cache(model, config: CacheConfig, node_id: str | None = None):
-    """Return a clone of `model` whose transformer blocks are cached by RFC."""
+def _describe_model(diffusion_model) -> str:
+    return type(diffusion_model).__name__
+
+
+def apply_rfc_cache(model, config: CacheConfig, node_id: str | None = None, granularity: str = "auto"):
+    """Return a clone of `model` cached by RFC: per transformer block where the
+    family has an adapter, otherwise the whole model call as one module."""
     from comfy.patcher_extension import WrappersMP
 
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
     diffusion_model = model.model.diffusion_model
     adapter = detect_adapter(diffusion_model)
-    if adapter is None:
-        logger.warning("RFC: %s is not supported yet (supported: %s); the model is returned unchanged",
-                       type(diffusion_model).__name__, ", ".join(supported_families()))
-        return model
-    block_keys = adapter.block_keys(diffusion_model)
+    block_keys = adapter.block_keys(diffusion_model) if adapter is not None else []
     patched = model.clone()
-    transformer_options = patched.model_options.setdefault("transformer_options", {})
-    transformer_options[SETTINGS_KEY] = CacheSettings(config, adapter, block_keys[0], node_id)
+    patched.model_options.setdefault("transformer_options", {})
+    if granularity != "model" and block_keys:
+        settings = CacheSettings(config, adapter.family, "blocks", adapter, block_keys[0], node_id)
+        hooks = _patch_blocks(patched, adapter, block_keys)
+        logger.info("RFC: %s (%s), granularity blocks: %d blocks through %s; %s", adapter.family,
+                    _describe_model(diffusion_model), len(block_keys), hooks, config.describe())
+    else:
+        family = adapter.family if adapter is not None else _describe_model(diffusion_model)
+        settings = CacheSettings(config, family, "model", None, MODEL_MODULE, node_id)
+        if granularity == "model":
+            reason = "as asked"
+        else:
+            reason = (f"no block adapter for it (block-level families: {', '.join(supported_families())})"
+                      if adapter is None else "its adapter found no blocks")
+        logger.info("RFC: %s, granularity model: the whole model call is cached, %s; %s", family, reason,
+                    config.describe())
+    # Set last: ComfyUI replaces the transformer options dict when a patch is added.
+    patched.model_options["transformer_options"][SETTINGS_KEY] = settings
     for wrapper_type, wrapper in ((WrappersMP.OUTER_SAMPLE, outer_sample_wrapper),
-                                  (WrappersMP.CALC_COND_BATCH, calc_cond_batch_wrapper)):
+                                  (WrappersMP.CALC_COND_BATCH, calc_cond_batch_wrapper),
+                                  (WrappersMP.APPLY_MODEL, apply_model_wrapper)):
         patched.remove_wrappers_with_key(wrapper_type, WRAPPER_KEY)
         patched.add_wrapper_with_key(wrapper_type, WRAPPER_KEY, wrapper)
-    existing = transformer_options.get("patches_replace", {}).get("dit", {})
-    for kind, index in block_keys:
-        chained = existing.get((kind, index))
-        if isinstance(chained, CachedBlock):  # RFC applied again: replace ourselves, keep what we chained
-            chained = chained.chained
-        patched.set_model_patch_replace(CachedBlock(kind, index, chained), "dit", kind, index)
-    logger.info("RFC: %s model, %d blocks cached, %s", adapter.family, len(block_keys), config.describe())
     return patched
+
+
+def _patch_blocks(patched, adapter: BlockAdapter, block_keys) -> str:
+    """Hook every block: `patches_replace` where the family has it, else an
+    object patch of the block's forward. Returns how, for the log."""
+    diffusion_model = patched.model.diffusion_model
+    existing = patched.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
+    hooks = set()
+    for kind, index in block_keys:
+        group = adapter.group(kind)
+        if group.hook == REPLACE:
+            chained = existing.get((kind, index))
+            if isinstance(chained, CachedBlock):  # RFC applied again: replace ourselves, keep what we chained
+                chained = chained.chained
+            patched.set_model_patch_replace(CachedBlock(kind, index, chained), "dit", kind, index)
+            hooks.add(f'patches_replace["dit"]["{kind}"]')
+        else:
+            path = f"diffusion_model.{adapter.block_path(diffusion_model, kind, index)}.forward"
+            original = patched.object_patches.get(path)
+            if isinstance(original, CachedForward):
+                original = original.original
+            if original is None:
+                # The class's forward bound to the block, not whatever the
+                # shared module holds right now: another clone's patches may
+                # be applied to it at this moment.
+                block = adapter.block(diffusion_model, kind, index)
+                original = types.MethodType(type(block).forward, block)
+            patched.add_object_patch(path, CachedForward(kind, index, group.returned, original))
+            hooks.add(f"object patches of {group.attribute}[i].forward")
+    return " and ".join(sorted(hooks))
 
 
 class RFCCache:
@@ -88,8 +139,8 @@ class RFCCache:
     def INPUT_TYPES(cls):
         return {"required": dict(BASIC_INPUTS), "hidden": {"unique_id": "UNIQUE_ID"}}
 
-    def apply(self, model, unique_id=None, **widgets):
-        return (apply_rfc_cache(model, CacheConfig(**widgets), unique_id),)
+    def apply(self, model, unique_id=None, granularity="auto", **widgets):
+        return (apply_rfc_cache(model, CacheConfig(**widgets), unique_id, granularity),)
 
 
 class RFCCacheAdvanced(RFCCache):

@@ -1,65 +1,131 @@
-"""What a model family adapter tells the cache: where the blocks are, which
-of a block's arguments are the hidden states it updates, and how to get the
-block's cheap module input."""
+"""What a model family adapter tells the cache: where the blocks are, how the
+pack hooks them, which of a block's arguments are the hidden states it
+updates, and how to get the block's cheap module input."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Hashable
 
 import torch
 
+# The block is reached through ComfyUI's `patches_replace["dit"][(kind, index)]`.
+REPLACE = "replace"
+# The family has no block patch point: the block's `forward` is replaced by a
+# ModelPatcher object patch, which ComfyUI undoes when the model is unpatched.
+FORWARD = "forward"
 
-def pack(tensors: list[torch.Tensor]) -> torch.Tensor:
+
+@dataclass(frozen=True)
+class BlockGroup:
+    """One run of same-kind blocks in a diffusion model.
+
+    kind: the `patches_replace` block kind ("double_block", "single_block")
+        for REPLACE hooks; a name for the group otherwise.
+    attribute: the diffusion model attribute holding the blocks, a ModuleList
+        or a ModuleDict (iterated in its order).
+    streams: names of the block arguments that are the hidden states it
+        updates. For REPLACE they are keys of the patch's args and of the
+        dict it returns; for FORWARD, parameter names of the block's forward.
+    hook: REPLACE or FORWARD.
+    outputs: FORWARD only: what the block's forward returns, as stream names
+        in order; one name means it returns a single tensor. Default: streams.
+    batch_dim: where the batch is in each stream (Cosmos 1 keeps it at 3).
+    """
+
+    kind: str
+    attribute: str
+    streams: tuple[str, ...]
+    hook: str = REPLACE
+    outputs: tuple[str, ...] | None = None
+    batch_dim: int = 0
+
+    @property
+    def returned(self) -> tuple[str, ...]:
+        return self.outputs if self.outputs is not None else self.streams
+
+
+def pack(tensors: list[torch.Tensor], batch_dim: int = 0) -> torch.Tensor:
     """Flatten each stream per sample and join them: estimators see one tensor
     of shape (batch, features) per module, whatever the block returns. The
     result is always a new tensor, so it survives blocks that update their
     inputs in place."""
-    return torch.cat([t.reshape(t.shape[0], -1) for t in tensors], dim=1)
+    flat = [t.movedim(batch_dim, 0).reshape(t.shape[batch_dim], -1) for t in tensors]
+    return torch.cat(flat, dim=1)
 
 
-def unpack(packed: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
-    sizes = [t[0].numel() for t in like]
+def unpack(packed: torch.Tensor, like: list[torch.Tensor], batch_dim: int = 0) -> list[torch.Tensor]:
+    sizes = [t.numel() // t.shape[batch_dim] for t in like]
     parts = torch.split(packed, sizes, dim=1)
-    return [part.reshape(t.shape).to(t.dtype) for part, t in zip(parts, like)]
+    return [part.reshape(t.movedim(batch_dim, 0).shape).movedim(0, batch_dim).to(t.dtype)
+            for part, t in zip(parts, like)]
+
+
+def blocks_of(container) -> list[torch.nn.Module]:
+    if container is None:
+        return []
+    if isinstance(container, torch.nn.ModuleDict):
+        return list(container.values())
+    return list(container)
 
 
 class BlockAdapter:
-    """One per model family. Subclasses fill in the class attributes and
-    `module_input`."""
+    """One per model family. Subclasses fill in the class attributes and,
+    where they can do better than the raw hidden state, `module_input`."""
 
     family: str = ""
     # Qualified names of the diffusion model classes this adapter handles;
     # subclasses of them match too.
     model_classes: tuple[str, ...] = ()
-    # (patches_replace block kind, attribute of the diffusion model holding
-    # those blocks, block arguments that are hidden states the block updates)
-    block_groups: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
+    block_groups: tuple[BlockGroup, ...] = ()
+
+    def specificity(self, diffusion_model) -> int | None:
+        """Position in the model's class hierarchy of the closest class this
+        adapter handles (0 = the model's own class), None if it handles none.
+        The most specific adapter wins, so a subclass adapter beats its base's."""
+        for depth, cls in enumerate(type(diffusion_model).__mro__):
+            if f"{cls.__module__}.{cls.__qualname__}" in self.model_classes:
+                return depth
+        return None
 
     def matches(self, diffusion_model) -> bool:
-        names = {f"{cls.__module__}.{cls.__qualname__}" for cls in type(diffusion_model).__mro__}
-        return any(name in names for name in self.model_classes)
+        return self.specificity(diffusion_model) is not None
 
-    def block_keys(self, diffusion_model) -> list[tuple[str, int]]:
-        keys = []
-        for kind, attribute, _ in self.block_groups:
-            blocks = getattr(diffusion_model, attribute, None) or []
-            keys.extend((kind, i) for i in range(len(blocks)))
-        return keys
-
-    def _group(self, kind: str) -> tuple[str, str, tuple[str, ...]]:
+    def group(self, kind: str) -> BlockGroup:
         for group in self.block_groups:
-            if group[0] == kind:
+            if group.kind == kind:
                 return group
         raise KeyError(kind)
 
-    def streams(self, kind: str) -> tuple[str, ...]:
-        return self._group(kind)[2]
+    def blocks(self, diffusion_model, kind: str) -> list[torch.nn.Module]:
+        return blocks_of(getattr(diffusion_model, self.group(kind).attribute, None))
+
+    def block_keys(self, diffusion_model) -> list[tuple[str, int]]:
+        return [(group.kind, i) for group in self.block_groups
+                for i in range(len(self.blocks(diffusion_model, group.kind)))]
 
     def block(self, diffusion_model, kind: str, index: int) -> torch.nn.Module:
-        return getattr(diffusion_model, self._group(kind)[1])[index]
+        return self.blocks(diffusion_model, kind)[index]
+
+    def block_path(self, diffusion_model, kind: str, index: int) -> str:
+        """Dotted path of the block under the diffusion model, for object patches."""
+        group = self.group(kind)
+        container = getattr(diffusion_model, group.attribute)
+        if isinstance(container, torch.nn.ModuleDict):
+            return f"{group.attribute}.{list(container.keys())[index]}"
+        return f"{group.attribute}.{index}"
+
+    def streams(self, kind: str) -> tuple[str, ...]:
+        return self.group(kind).streams
 
     def module_input(self, diffusion_model, kind: str, index: int, args: dict) -> torch.Tensor:
-        raise NotImplementedError
+        """The cheap proxy of the block's input that RFE scales by and RCS
+        watches. Default: the first hidden state itself (copied: some blocks
+        update it in place). Adapters override this with the block's
+        adaLN-modulated, normalised input where they can, as the paper does:
+        unlike the raw hidden state it also moves with the timestep."""
+        group = self.group(kind)
+        return args[group.streams[0]].detach().clone()
 
     def chunk_key(self, kind: str, args: dict, transformer_options: dict) -> Hashable:
         """Identifies one chunk of an evaluation (cond and uncond batched or

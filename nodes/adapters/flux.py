@@ -10,7 +10,7 @@ hidden state of the first block does not depend on the timestep at all.
 
 from __future__ import annotations
 
-from .base import BlockAdapter
+from .base import BlockAdapter, BlockGroup
 
 
 class _FluxLikeAdapter(BlockAdapter):
@@ -18,8 +18,8 @@ class _FluxLikeAdapter(BlockAdapter):
     adaLN modulation of the image stream comes from."""
 
     block_groups = (
-        ("double_block", "double_blocks", ("img", "txt")),
-        ("single_block", "single_blocks", ("img",)),
+        BlockGroup("double_block", "double_blocks", ("img", "txt")),
+        BlockGroup("single_block", "single_blocks", ("img",)),
     )
 
     def image_modulation(self, block, kind, args):
@@ -51,3 +51,6 @@ class ChromaAdapter(_FluxLikeAdapter):
             (image_modulation, _), _ = args["vec"]
             return image_modulation
         return args["vec"]
+
+
+ADAPTERS = (FluxAdapter(), ChromaAdapter())

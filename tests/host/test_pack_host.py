@@ -38,4 +38,6 @@ def test_workflow_uses_only_existing_node_types_and_valid_widgets(comfy, workflo
         widget_names = [name for name in node_class.INPUT_TYPES()["required"] if name != "model"]
         assert len(widget_names) == len(node["widgets_values"])
         config_module = __import__(node_class.__module__, fromlist=["CacheConfig"])
-        config_module.CacheConfig(**dict(zip(widget_names, node["widgets_values"])))
+        widgets = dict(zip(widget_names, node["widgets_values"]))
+        assert widgets.pop("granularity", "auto") in ("auto", "model")
+        config_module.CacheConfig(**widgets)

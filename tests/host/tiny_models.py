@@ -62,3 +62,13 @@ def sample(model_patcher, steps=12, cfg=1.0, batch=1, seed=0, size=16, sampler="
     negative = conditioning(batch, seed=2)
     return comfy.sample.sample(model_patcher, noise, steps, cfg, sampler, scheduler, positive, negative, latent,
                                seed=seed, disable_pbar=True)
+
+
+def counted(modules, sample_fn):
+    """Run `sample_fn` and count the forwards of `modules` it caused."""
+    counter = HookCounter(modules)
+    try:
+        latent = sample_fn()
+    finally:
+        counter.close()
+    return latent, counter.calls

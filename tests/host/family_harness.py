@@ -1,0 +1,187 @@
+"""The contract every supported model family must meet inside a real ComfyUI.
+
+A family's test file describes a tiny random-weight model built from
+ComfyUI's own config class (a `FamilySpec`) and subclasses `FamilyContract`:
+
+    SPEC = FamilySpec(name="wan21", config_class="WAN21_T2V", ...)
+
+    class TestWan21(FamilyContract):
+        spec = SPEC
+
+Every test samples through `comfy.sample.sample`, so the real guider,
+cond batching, model wrappers and patches are exercised; block executions are
+counted with torch hooks, outside the pack.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pytest
+import torch
+
+from tiny_models import build, counted
+
+FORCED = dict(threshold=10.0, max_skip=2, order=1, start_percent=0.0, end_percent=1.0)
+NEVER_SKIPS = dict(FORCED, start_percent=0.999)
+
+
+@dataclass
+class FamilySpec:
+    """name: the adapter family the pack must detect.
+    config_class, unet_config: `comfy.supported_models.<config_class>(unet_config)`.
+    latent_shape: one sample's latent, (C, H, W) or (C, T, H, W) for video.
+    conditioning(batch, seed): a ComfyUI conditioning list, [[cross_attn, extras]].
+    counted_modules(diffusion_model): modules whose forward runs exactly once
+        per real block execution. Default: the blocks themselves, which is
+        right for patches_replace families; object-patched families must name
+        a child the block runs (their patched forward is still called
+        through the block's `__call__` when it is predicted).
+    probe(block, kind): the submodule whose first input is the block's
+        module input, to check the adapter computes it exactly; None skips.
+    prepare(diffusion_model): anything the tiny model needs before use.
+    granularity: what the pack must choose for this family.
+    """
+
+    name: str
+    config_class: str
+    unet_config: dict
+    latent_shape: tuple[int, ...]
+    conditioning: Callable[[int, int], list]
+    counted_modules: Callable | None = None
+    probe: Callable | None = None
+    prepare: Callable | None = None
+    granularity: str = "blocks"
+    steps: int = 12
+    extra: dict = field(default_factory=dict)
+
+
+def pack_module(nodes, name: str):
+    node_module = nodes.NODE_CLASS_MAPPINGS["RFCCache"].__module__
+    return sys.modules[f"{node_module.rsplit('.', 2)[0]}.{name}"]
+
+
+def rfc(nodes, model, **widgets):
+    advanced = any(name in widgets for name in ("estimator", "scheduler", "interval", "granularity"))
+    node = nodes.NODE_CLASS_MAPPINGS["RFCCacheAdvanced" if advanced else "RFCCache"]()
+    return node.apply(model, unique_id="7", **widgets)[0]
+
+
+def sample_spec(spec: FamilySpec, model_patcher, steps=None, cfg=1.0, batch=1, seed=0,
+                sampler="euler", scheduler="simple"):
+    import comfy.sample
+
+    shape = (batch, *spec.latent_shape)
+    latent = torch.zeros(shape)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    positive = spec.conditioning(batch, 1)
+    negative = spec.conditioning(batch, 2)
+    return comfy.sample.sample(model_patcher, noise, steps or spec.steps, cfg, sampler, scheduler, positive,
+                               negative, latent, seed=seed, disable_pbar=True)
+
+
+class FamilyContract:
+    spec: FamilySpec
+
+    @pytest.fixture(scope="class")
+    def model(self, comfy):
+        patcher = build(self.spec.config_class, self.spec.unet_config)
+        if self.spec.prepare is not None:
+            self.spec.prepare(patcher.model.diffusion_model)
+        return patcher
+
+    @pytest.fixture(scope="class")
+    def nodes(self, comfy):
+        import nodes
+
+        return nodes
+
+    def counted_modules(self, model):
+        diffusion_model = model.model.diffusion_model
+        if self.spec.counted_modules is not None:
+            return list(self.spec.counted_modules(diffusion_model))
+        adapter = self.adapter(model)
+        assert all(group.hook == "replace" for group in adapter.block_groups), \
+            "object-patched families must name the modules to count"
+        return [adapter.block(diffusion_model, *key) for key in adapter.block_keys(diffusion_model)]
+
+    def adapter(self, model):
+        import nodes
+
+        return pack_module(nodes, "nodes.adapters").detect_adapter(model.model.diffusion_model)
+
+    def run(self, model, patcher, **kwargs):
+        return counted(self.counted_modules(model), lambda: sample_spec(self.spec, patcher, **kwargs))
+
+    def test_detected_family_and_granularity(self, model, nodes, caplog):
+        caplog.set_level("INFO", logger="ComfyUI-RFC")
+        patched = rfc(nodes, model)
+        settings = patched.model_options["transformer_options"][pack_module(nodes, "nodes.runtime").SETTINGS_KEY]
+        assert settings.granularity == self.spec.granularity
+        assert settings.family == self.spec.name
+        assert f"RFC: {self.spec.name}" in caplog.text
+        assert self.spec.granularity in caplog.text
+
+    @pytest.mark.parametrize("cfg,batch", [(1.0, 1), (3.0, 2)])
+    def test_cache_that_never_skips_is_bit_identical(self, model, nodes, cfg, batch):
+        """Every block goes through the pack and is recorded, but no step is
+        in the skip window: the latent must not change by a single bit."""
+        reference, reference_calls = self.run(model, model, cfg=cfg, batch=batch)
+        latent, calls = self.run(model, rfc(nodes, model, **NEVER_SKIPS), cfg=cfg, batch=batch)
+        assert torch.equal(latent, reference)
+        assert calls == reference_calls
+
+    def test_threshold_zero_is_bit_identical(self, model, nodes):
+        reference, _ = self.run(model, model, cfg=3.0, batch=2)
+        latent, _ = self.run(model, rfc(nodes, model, **{**FORCED, "threshold": 0.0}), cfg=3.0, batch=2)
+        assert torch.equal(latent, reference)
+
+    @pytest.mark.parametrize("cfg,batch", [(1.0, 1), (3.0, 2)])
+    def test_forced_caching_cuts_block_executions_to_about_a_third(self, model, nodes, cfg, batch):
+        steps = 30
+        reference, reference_calls = self.run(model, model, steps=steps, cfg=cfg, batch=batch)
+        latent, calls = self.run(model, rfc(nodes, model, **FORCED), steps=steps, cfg=cfg, batch=batch)
+        # warm-up of order + 1 = 2 full evaluations, then two predicted and
+        # one computed: 2 + 28 // 3 = 11 of 30 evaluations are computed
+        full_evaluations = 2 + (steps - 2) // (FORCED["max_skip"] + 1)
+        assert reference_calls % steps == 0
+        assert calls == reference_calls // steps * full_evaluations
+        assert latent.shape == reference.shape
+        assert torch.isfinite(latent).all()
+        relative = ((latent - reference).norm() / reference.norm()).item()
+        print(f"{self.spec.name} cfg={cfg} batch={batch}: block executions {calls} of {reference_calls}, "
+              f"relative difference {relative:.3g}")
+        assert relative < 1.0
+
+    def test_module_input_is_what_the_block_feeds_its_first_layer(self, model, nodes, monkeypatch):
+        if self.spec.probe is None:
+            pytest.skip(f"{self.spec.name}: the adapter uses the raw hidden state as module input")
+        diffusion_model = model.model.diffusion_model
+        adapter = self.adapter(model)
+        from_adapter, from_block = {}, {}
+        original = type(adapter).module_input
+
+        def spy(self_, diffusion_model_, kind, index, args):
+            value = original(self_, diffusion_model_, kind, index, args)
+            from_adapter.setdefault((kind, index), value.clone())
+            return value
+
+        monkeypatch.setattr(type(adapter), "module_input", spy)
+        handles = []
+        for kind, index in adapter.block_keys(diffusion_model):
+            probe = self.spec.probe(adapter.block(diffusion_model, kind, index), kind)
+
+            def capture(module, inputs, key=(kind, index)):
+                from_block.setdefault(key, inputs[0].clone())
+
+            handles.append(probe.register_forward_pre_hook(capture))
+        try:
+            sample_spec(self.spec, rfc(nodes, model, **NEVER_SKIPS), steps=2)
+        finally:
+            for handle in handles:
+                handle.remove()
+        assert set(from_adapter) == set(from_block) == set(adapter.block_keys(diffusion_model))
+        for key in from_block:
+            torch.testing.assert_close(from_adapter[key], from_block[key], rtol=1e-4, atol=1e-5, msg=str(key))

@@ -1,0 +1,158 @@
+"""Adapters and block hooks on plain torch stand-ins, without ComfyUI."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+
+from benchmarks.methods import PACK_NAME, load_pack
+from benchmarks.tiny_flux import TinyFlux
+
+load_pack()
+adapters = sys.modules[f"{PACK_NAME}.nodes.adapters"]
+base = sys.modules[f"{PACK_NAME}.nodes.adapters.base"]
+runtime = sys.modules[f"{PACK_NAME}.nodes.runtime"]
+rfc_core = sys.modules[f"{PACK_NAME}.rfc_core"]
+
+
+def test_pack_and_unpack_keep_samples_apart_whatever_the_batch_dim():
+    # Cosmos 1 keeps the batch at dim 3: (T, H, W, B, D)
+    stream = torch.randn(2, 3, 3, 4, 5)
+    packed = base.pack([stream], batch_dim=3)
+    assert packed.shape == (4, 2 * 3 * 3 * 5)
+    for sample in range(4):
+        torch.testing.assert_close(packed[sample], stream[:, :, :, sample].reshape(-1))
+    (restored,) = base.unpack(packed, [stream], batch_dim=3)
+    assert torch.equal(restored, stream)
+
+
+def test_pack_copies_so_in_place_block_updates_cannot_reach_it():
+    stream = torch.ones(2, 3, 4)
+    packed = base.pack([stream])
+    stream += 1
+    assert torch.equal(packed, torch.ones(2, 12))
+
+
+def _class(module: str, name: str, parent=torch.nn.Module):
+    cls = types.new_class(name, (parent,))
+    cls.__module__, cls.__qualname__ = module, name
+    return cls
+
+
+def test_the_most_specific_adapter_wins_and_unknown_models_get_none():
+    flux = _class("comfy.ldm.flux.model", "Flux")
+    chroma = _class("comfy.ldm.chroma.model", "Chroma", flux)
+    derived = _class("some_pack.models", "MyFlux", flux)
+    assert adapters.detect_adapter(flux()).family == "flux"
+    assert adapters.detect_adapter(chroma()).family == "chroma"
+    assert adapters.detect_adapter(derived()).family == "flux"
+    assert adapters.detect_adapter(_class("comfy.ldm.modules.diffusionmodules.openaimodel", "UNetModel")()) is None
+
+
+def test_every_adapter_is_well_formed():
+    families = [adapter.family for adapter in adapters.ADAPTERS]
+    assert len(families) == len(set(families)), "two adapters claim one family name"
+    for adapter in adapters.ADAPTERS:
+        assert adapter.model_classes and all(name.startswith("comfy.ldm.") for name in adapter.model_classes)
+        assert adapter.block_groups, adapter.family
+        for group in adapter.block_groups:
+            assert group.hook in (base.REPLACE, base.FORWARD)
+            assert group.streams
+            if group.hook == base.REPLACE:
+                assert group.outputs is None, "a replace patch returns its streams by name"
+
+
+def test_flux_module_input_is_what_the_block_feeds_its_first_linear():
+    torch.manual_seed(0)
+    config = {"in_channels": 4, "out_channels": 4, "vec_in_dim": 8, "context_in_dim": 8, "hidden_size": 32,
+              "mlp_ratio": 2.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1, "axes_dim": [4, 6, 6],
+              "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": False}
+    model = TinyFlux(config)
+    adapter = adapters.adapter_for("flux")
+    img, txt, vec = torch.randn(2, 16, 32), torch.randn(2, 3, 32), torch.randn(2, 32)
+    seen = []
+    for kind, first_linear, args in (("double_block", model.double_blocks[0].img_attn.qkv, {"img": img, "txt": txt}),
+                                     ("single_block", model.single_blocks[0].linear1, {"img": img})):
+        handle = first_linear.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
+        block = adapter.block(model, kind, 0)
+        pe = model.positional_embedding(2, 0 if kind == "single_block" else 3, 4, 4, "cpu")
+        with torch.no_grad():
+            block(*args.values(), vec, pe)
+        handle.remove()
+        torch.testing.assert_close(adapter.module_input(model, kind, 0, {**args, "vec": vec}), seen[-1])
+
+
+class StandInBlock(torch.nn.Module):
+    """A block with no patch point, like Lumina2's: it can only be hooked by
+    replacing its forward. It doubles as a counter of real executions."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(6, 6)
+        self.calls = 0
+
+    def forward(self, x, scale, extra=None):
+        self.calls += 1
+        return x + torch.tanh(self.linear(x)) * scale
+
+
+class StandInModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(StandInBlock() for _ in range(3))
+
+    def forward(self, x, scale):
+        for layer in self.layers:
+            x = layer(x, scale)
+        return x
+
+
+class StandInAdapter(base.BlockAdapter):
+    family = "stand_in"
+    block_groups = (base.BlockGroup("layer", "layers", ("x",), hook=base.FORWARD),)
+
+
+def _sample(evaluate, steps=12):
+    x = torch.randn(2, 5, 6, generator=torch.Generator().manual_seed(0))
+    for step in range(steps):
+        sigma = 1.0 - step / steps
+        x = x - 0.1 * evaluate(x, torch.tensor(sigma))
+    return x
+
+
+@pytest.mark.parametrize("threshold,expected_calls", [(0.0, 36), (10.0, 15)])
+def test_object_patched_forward_predicts_and_restores(threshold, expected_calls):
+    torch.manual_seed(0)
+    model = StandInModel()
+    with torch.no_grad():
+        reference = _sample(model)
+    for layer in model.layers:
+        layer.calls = 0
+    adapter = StandInAdapter()
+    config = rfc_core.CacheConfig(threshold=threshold, max_skip=2, order=1)
+    settings = runtime.CacheSettings(config, "stand_in", "blocks", adapter, ("layer", 0), None)
+    session = runtime.SamplingSession(settings, model, None)
+    for index, layer in enumerate(model.layers):
+        layer.forward = runtime.CachedForward("layer", index, ("x",), types.MethodType(StandInBlock.forward, layer))
+
+    def evaluate(x, sigma):
+        session.start_evaluation(float(sigma))
+        token = runtime._ACTIVE_CALL.set((session, {"cond_or_uncond": [0]}))
+        try:
+            return model(x, sigma)
+        finally:
+            runtime._ACTIVE_CALL.reset(token)
+
+    with torch.no_grad():
+        latent = _sample(evaluate)
+    session.finish()
+    assert not session.failed
+    assert sum(layer.calls for layer in model.layers) == expected_calls
+    if threshold == 0.0:
+        assert torch.equal(latent, reference)
+    else:
+        assert torch.isfinite(latent).all()
+        assert ((latent - reference).norm() / reference.norm()).item() < 0.1

@@ -28,6 +28,10 @@ def boot_comfyui(comfyui_path: str):
     folder through ComfyUI's own loader. Returns ComfyUI's `nodes` module."""
     if comfyui_path not in sys.path:
         sys.path.insert(0, comfyui_path)
+    # As ComfyUI's main.py does, before `nodes` puts comfy/ first on the
+    # path: otherwise `utils` resolves to comfy/utils.py and the core nodes
+    # that import utils.install_util (SaveAnimatedWEBP among them) fail.
+    import utils.extra_config  # noqa: F401
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = True

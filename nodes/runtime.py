@@ -103,8 +103,11 @@ class SamplingSession:
         module_key = (kind, index)
         try:
             chunk_key = self.adapter.chunk_key(kind, args, transformer_options)
-            module_input = (self.adapter.module_input(self.diffusion_model, kind, index, args)
-                            if self.run.needs_module_input(module_key) else None)
+            module_input = None
+            if self.run.needs_module_input(module_key):
+                # Estimators take per-sample norms over everything but dim 0.
+                module_input = self.adapter.module_input(self.diffusion_model, kind, index, args)
+                module_input = module_input.movedim(group.batch_dim, 0)
             names = self.returned_streams.get(module_key, group.streams)
             inputs = [args[name] for name in names]
             packed_input = pack(inputs, group.batch_dim)

@@ -123,7 +123,8 @@ class BlockAdapter:
         watches. Default: the first hidden state itself (copied: some blocks
         update it in place). Adapters override this with the block's
         adaLN-modulated, normalised input where they can, as the paper does:
-        unlike the raw hidden state it also moves with the timestep."""
+        unlike the raw hidden state it also moves with the timestep. Keep
+        the stream's layout; the runtime moves its batch to dim 0."""
         group = self.group(kind)
         return args[group.streams[0]].detach().clone()
 

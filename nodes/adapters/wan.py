@@ -1,0 +1,64 @@
+"""Wan 2.1 and 2.2 (text/image-to-video, TI2V, FunControl) and the variants
+built on the same `WanAttentionBlock`: VACE, Camera, S2V, HuMo and Animate.
+
+Every variant runs `self.blocks` through `patches_replace["dit"][("double_block", i)]`
+and reads only "img" back. What a variant does between blocks (VACE's
+`x += c_skip`, S2V's in-place audio injection, Animate's face fuser) happens
+outside the patch, on whatever tensor the patch returned.
+
+Module input: what the block's self-attention receives, the adaLN-modulated
+`norm1(x)`. The modulation `e0` is (batch, 6, dim) for VACE and Camera and
+(batch, frames, 6, dim) for the others, where Wan 2.2 TI2V gives each latent
+frame its own timestep; per-frame shift and scale are spread over that
+frame's tokens as the block does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import BlockAdapter, BlockGroup
+
+
+def spread_over_tokens(modulation: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The block's `repeat_e`: a (batch, frames, dim) modulation repeated so
+    each frame's value covers its tokens; a single frame broadcasts as is.
+    Extra tokens past the last whole frame (S2V's reference and motion
+    tokens) take the last frame's value."""
+    frames = modulation.size(1)
+    repeats = x.size(1) // frames if frames > 1 else 1
+    if repeats == 1:
+        return modulation
+    if repeats * frames == x.size(1):
+        return torch.repeat_interleave(modulation, repeats, dim=1)
+    return torch.repeat_interleave(modulation, repeats + 1, dim=1)[:, :x.size(1)]
+
+
+class WanAdapter(BlockAdapter):
+    family = "wan"
+    # Subclasses match anyway; the variants are named because each was
+    # checked to keep the base block interface and patch arguments.
+    model_classes = (
+        "comfy.ldm.wan.model.WanModel",
+        "comfy.ldm.wan.model.VaceWanModel",
+        "comfy.ldm.wan.model.CameraWanModel",
+        "comfy.ldm.wan.model.WanModel_S2V",
+        "comfy.ldm.wan.model.HumoWanModel",
+        "comfy.ldm.wan.model_animate.AnimateWanModel",
+    )
+    block_groups = (BlockGroup("double_block", "blocks", ("img",)),)
+
+    def module_input(self, diffusion_model, kind, index, args):
+        block = self.block(diffusion_model, kind, index)
+        x, e0 = args["img"], args["vec"]
+        # Only shift and scale (the first two of the six) are needed; adding
+        # them alone gives the same values the block gets from all six.
+        learned = block.modulation[:, :2].to(dtype=x.dtype, device=x.device)
+        if e0.ndim < 4:
+            shift, scale = (learned + e0[:, :2]).chunk(2, dim=1)
+        else:
+            shift, scale = (learned.unsqueeze(0) + e0[:, :, :2]).unbind(2)
+        return torch.addcmul(spread_over_tokens(shift, x), block.norm1(x), 1 + spread_over_tokens(scale, x))
+
+
+ADAPTERS = (WanAdapter(),)

@@ -185,3 +185,109 @@ class FamilyContract:
         assert set(from_adapter) == set(from_block) == set(adapter.block_keys(diffusion_model))
         for key in from_block:
             torch.testing.assert_close(from_adapter[key], from_block[key], rtol=1e-4, atol=1e-5, msg=str(key))
+
+
+def _clone_tensor(value):
+    return value.clone() if isinstance(value, torch.Tensor) else value
+
+
+class _InputCopies:
+    """While active, every given block runs on copies of its tensor inputs, so
+    nothing it updates in place is seen by the caller."""
+
+    def __init__(self, blocks):
+        self.blocks = blocks
+        self.handles = []
+
+    def __enter__(self):
+        def copy_inputs(module, args, kwargs):
+            return tuple(_clone_tensor(a) for a in args), {k: _clone_tensor(v) for k, v in kwargs.items()}
+
+        self.handles = [block.register_forward_pre_hook(copy_inputs, with_kwargs=True) for block in self.blocks]
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+
+class _InPlaceWatch:
+    """Records whether any given block changed one of its tensor inputs."""
+
+    def __init__(self, blocks):
+        self.blocks = blocks
+        self.handles = []
+        self.updated = False
+        self._before = {}
+
+    def __enter__(self):
+        def remember(module, args, kwargs):
+            inputs = [*args, *kwargs.values()]
+            self._before[id(module)] = [(t, t.clone()) for t in inputs if isinstance(t, torch.Tensor)]
+
+        def compare(module, args, kwargs, output):
+            self.updated |= any(not torch.equal(t, copy) for t, copy in self._before.pop(id(module)))
+
+        for block in self.blocks:
+            self.handles.append(block.register_forward_pre_hook(remember, with_kwargs=True))
+            self.handles.append(block.register_forward_hook(compare, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+
+class InPlaceContract:
+    """For families whose blocks may update their inputs in place.
+
+    updates_inputs_in_place: whether this ComfyUI's blocks do, so the copy
+    check below is known to guard a real hazard (or to be a plain safeguard).
+    """
+
+    updates_inputs_in_place: bool = True
+
+    def all_blocks(self, model):
+        diffusion_model = model.model.diffusion_model
+        adapter = self.adapter(model)
+        return [adapter.block(diffusion_model, *key) for key in adapter.block_keys(diffusion_model)]
+
+    def test_blocks_update_inputs_in_place_as_expected(self, model):
+        with _InPlaceWatch(self.all_blocks(model)) as watch:
+            sample_spec(self.spec, model, steps=2)
+        assert watch.updated == self.updates_inputs_in_place
+
+    def test_forced_caching_matches_a_run_on_copied_block_inputs(self, model, nodes):
+        """If the pack kept or reused a tensor the block then updates in place
+        (a cached feature, the input of a residual), the copies would change
+        the result; they must not change a single bit."""
+        _, reference_calls = self.run(model, model, cfg=3.0, batch=2)
+        latent, calls = self.run(model, rfc(nodes, model, **FORCED), cfg=3.0, batch=2)
+        with _InputCopies(self.all_blocks(model)):
+            on_copies, calls_on_copies = self.run(model, rfc(nodes, model, **FORCED), cfg=3.0, batch=2)
+        assert calls == calls_on_copies < reference_calls
+        assert torch.equal(latent, on_copies)
+
+
+class ObjectPatchIsUndone:
+    """For FORWARD families: once the cached model has sampled, the plain
+    model sharing its weights must run its blocks' own forward again, with no
+    patched forward left behind that still predicts or records."""
+
+    def test_plain_model_runs_original_blocks_after_caching(self, nodes):
+        model = build(self.spec.config_class, self.spec.unet_config)
+        if self.spec.prepare is not None:
+            self.spec.prepare(model.model.diffusion_model)
+        settings = dict(cfg=3.0, batch=2)
+        reference, reference_calls = self.run(model, model, **settings)
+        _, cached_calls = self.run(model, rfc(nodes, model, **FORCED), **settings)
+        latent, calls = self.run(model, model, **settings)
+
+        assert cached_calls < reference_calls
+        diffusion_model = model.model.diffusion_model
+        adapter = self.adapter(model)
+        for key in adapter.block_keys(diffusion_model):
+            block = adapter.block(diffusion_model, *key)
+            assert getattr(block.forward, "__func__", None) is type(block).forward, key
+        assert calls == reference_calls
+        assert torch.equal(latent, reference)

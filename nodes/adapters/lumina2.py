@@ -1,0 +1,45 @@
+"""Lumina Image 2.0 and Z-Image: both are ComfyUI's NextDiT.
+
+NextDiT has no `patches_replace`, so the main `layers` are reached by
+replacing each block's `forward` (the refiners that run before them are
+left alone: they see caption or image tokens only, not the joint sequence).
+
+Module input: the block's RMS-normalised joint sequence scaled by its own
+adaLN `scale_msa`, which is exactly what it feeds its attention's qkv linear.
+The modulation is one small linear on the timestep embedding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import FORWARD, BlockAdapter, BlockGroup
+
+
+def _scale_tokens(normed: torch.Tensor, scale: torch.Tensor, zero_timestep_spans) -> torch.Tensor:
+    """`normed * (1 + scale)` per sample, as NextDiT's `modulate` does. Newer
+    ComfyUI (Z-Image Omni) runs the timestep embedding at two timesteps, the
+    second half of the batch at t = 0, and scales the token spans listed in
+    `timestep_zero_index` with that half and every other token with the first."""
+    factor = 1 + scale.unsqueeze(1)
+    if zero_timestep_spans is None:
+        return normed * factor
+    half = factor.shape[0] // 2
+    per_token = factor[:half].expand_as(normed).clone()
+    for start, end in zero_timestep_spans:
+        per_token[:, start:end] = factor[half:]
+    return normed * per_token
+
+
+class Lumina2Adapter(BlockAdapter):
+    family = "lumina2"
+    model_classes = ("comfy.ldm.lumina.model.NextDiT",)
+    block_groups = (BlockGroup("layer", "layers", ("x",), hook=FORWARD, outputs=("x",)),)
+
+    def module_input(self, diffusion_model, kind, index, args):
+        block = self.block(diffusion_model, kind, index)
+        scale_msa = block.adaLN_modulation(args["adaln_input"]).chunk(4, dim=1)[0]
+        return _scale_tokens(block.attention_norm1(args["x"]), scale_msa, args.get("timestep_zero_index"))
+
+
+ADAPTERS = (Lumina2Adapter(),)

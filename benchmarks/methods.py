@@ -53,6 +53,7 @@ class Method:
     estimator: str | None  # None: the whole-model EasyCache rule
     scheduler: str  # "fixed", "rcs" or "easycache"
     order: int = 0
+    granularity: str = "blocks"  # or "model": the pack's fallback for models without a block adapter
 
     @property
     def searches_threshold(self) -> bool:
@@ -75,6 +76,7 @@ METHODS = (
     Method("RCS m=1 (Taylor)", "taylor", "rcs", 1),
     Method("RFC m=1 (RFE + RCS)", "rfe", "rcs", 1),
     Method("RFC m=2 (RFE + RCS)", "rfe", "rcs", 2),
+    Method("RFC m=1, whole model", "rfe", "rcs", 1, "model"),
     Method("EasyCache rule (whole model)", None, "easycache"),
 )
 
@@ -159,6 +161,8 @@ class StandaloneSampler:
             return SampleResult(latent, self.steps, self.steps * self.block_count, 0, time.perf_counter() - start)
         if method.scheduler == "easycache":
             return self._run_easycache(setting, start)
+        if method.granularity == "model":
+            return self._run_whole_model(method.config(setting, max_skip), start)
         return self._run_blocks(method.config(setting, max_skip), start)
 
     def _euler(self, velocity) -> torch.Tensor:
@@ -187,6 +191,29 @@ class StandaloneSampler:
             raise RuntimeError("caching failed inside the benchmark; see the log")
         return SampleResult(latent, run.computed_evaluations, run.modules_computed, run.peak_bytes,
                             time.perf_counter() - start)
+
+    def _run_whole_model(self, config, start) -> SampleResult:
+        """The pack's whole-model granularity: the cached module maps the noisy
+        latent to the denoised one, as ComfyUI's APPLY_MODEL does."""
+        load_pack()
+        from_runtime = sys.modules[f"{PACK_NAME}.nodes.runtime"]
+        settings = from_runtime.CacheSettings(config, "flux", "model", None, from_runtime.MODEL_MODULE, None)
+        session = from_runtime.SamplingSession(settings, self.model, None)
+        options = {"cond_or_uncond": [0, 1]}
+
+        def velocity(x, sigma):
+            session.start_evaluation(float(sigma))
+            doubled = torch.cat([x, x])
+            denoised = session.run_model(lambda: doubled - sigma * self._model(doubled, sigma), doubled, options)
+            return self._guide((doubled - denoised) / sigma)
+
+        latent = self._euler(velocity)
+        session.finish()
+        run = session.run
+        if session.failed:
+            raise RuntimeError("caching failed inside the benchmark; see the log")
+        return SampleResult(latent, run.computed_evaluations, run.computed_evaluations * self.block_count,
+                            run.peak_bytes, time.perf_counter() - start)
 
     def _run_easycache(self, threshold, start) -> SampleResult:
         cache = EasyCacheRule(threshold)

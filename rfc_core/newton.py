@@ -37,20 +37,35 @@ class NewtonHistory:
     def newest(self) -> torch.Tensor:
         return self.coeffs[0]
 
-    def _is_same_point(self, x: float) -> bool:
-        x0 = self.nodes[0]
-        return abs(x - x0) <= _SAME_SIGMA_RTOL * max(1.0, abs(x0))
+    @staticmethod
+    def _is_same_point(x: float, node: float) -> bool:
+        return abs(x - node) <= _SAME_SIGMA_RTOL * max(1.0, abs(node))
 
     def push(self, x: float, value: torch.Tensor) -> None:
-        if self.nodes and self._is_same_point(x):
+        if self.nodes and self._is_same_point(x, self.nodes[0]):
             self._replace_newest(value)
             return
+        self._drop_from_same_point(x)
         new_coeffs = [value]
         for j in range(min(len(self.coeffs), self.order)):
             gap = x - self.nodes[j]
             new_coeffs.append((new_coeffs[j] - self.coeffs[j]) / gap)
         self.coeffs = new_coeffs
         self.nodes = ([x] + self.nodes)[: self.order + 1]
+
+    def _drop_from_same_point(self, x: float) -> None:
+        # A sampler that adds noise back (a restart, a hand-made sigma list)
+        # can return to the sigma of an older point. Two points at one sigma
+        # have no divided difference, and with only the newest diagonal kept
+        # an older point cannot be replaced in place; so it is dropped with
+        # every point older than it. The first j coefficients involve only
+        # the j newest points and stay exact; the forecast loses order until
+        # new points come.
+        for j in range(1, len(self.nodes)):
+            if self._is_same_point(x, self.nodes[j]):
+                del self.nodes[j:]
+                del self.coeffs[j:]
+                return
 
     def _replace_newest(self, value: torch.Tensor) -> None:
         # Changing f(x0) by delta moves the j-th coefficient by

@@ -91,7 +91,12 @@ class RFCRun:
         return not self.scheduler.wants_full(evaluation.forecast_error, self.cached_in_row)
 
     def _has_history(self, chunk: ChunkCache) -> bool:
-        if self.scheduler.needs_forecast_error and not chunk.first_input:
+        # The forecast of order m needs m + 1 points at distinct sigmas: a
+        # computed evaluation at the sigma of the one before (heun's second
+        # evaluation, a repeated sigma in a custom list) adds none, and a
+        # chunk that appeared mid-run has only its own points.
+        if self.scheduler.needs_forecast_error and (
+                chunk.first_input is None or len(chunk.first_input) < self.config.warmup):
             return False
         return self.first_module in chunk.modules
 

@@ -8,7 +8,7 @@ import types
 from ..rfc_core import ESTIMATORS, RANGES, SCHEDULERS, CacheConfig
 from .adapters import REPLACE, BlockAdapter, detect_adapter, supported_families
 from .runtime import (MODEL_MODULE, SETTINGS_KEY, WRAPPER_KEY, CacheSettings, CachedBlock, CachedForward,
-                      apply_model_wrapper, calc_cond_batch_wrapper, outer_sample_wrapper)
+                      apply_model_wrapper, calc_cond_batch_wrapper, outer_sample_wrapper, refuse_other_cache)
 
 logger = logging.getLogger("ComfyUI-RFC")
 
@@ -67,7 +67,9 @@ def apply_rfc_cache(model, config: CacheConfig, node_id: str | None = None, gran
     from comfy.patcher_extension import WrappersMP
 
     if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
+        raise ValueError(f"RFC Cache: 'granularity' must be one of {list(GRANULARITIES)}, got {granularity!r}")
+    # EasyCache applied after this node is refused when sampling starts.
+    refuse_other_cache(model.model_options.get("transformer_options", {}))
     diffusion_model = model.model.diffusion_model
     adapter = detect_adapter(diffusion_model)
     block_keys = adapter.block_keys(diffusion_model) if adapter is not None else []
@@ -114,16 +116,17 @@ def _patch_blocks(patched, adapter: BlockAdapter, block_keys) -> str:
             hooks.add(f'patches_replace["dit"]["{kind}"]')
         else:
             path = f"diffusion_model.{adapter.block_path(diffusion_model, kind, index)}.forward"
+            # The class's forward bound to the block, not whatever the shared
+            # module holds right now: another clone's patches may be applied
+            # to it at this moment.
+            block = adapter.block(diffusion_model, kind, index)
+            block_forward = types.MethodType(type(block).forward, block)
             original = patched.object_patches.get(path)
             if isinstance(original, CachedForward):
                 original = original.original
             if original is None:
-                # The class's forward bound to the block, not whatever the
-                # shared module holds right now: another clone's patches may
-                # be applied to it at this moment.
-                block = adapter.block(diffusion_model, kind, index)
-                original = types.MethodType(type(block).forward, block)
-            patched.add_object_patch(path, CachedForward(kind, index, group.returned, original))
+                original = block_forward
+            patched.add_object_patch(path, CachedForward(kind, index, group.returned, original, block_forward))
             hooks.add(f"object patches of {group.attribute}[i].forward")
     return " and ".join(sorted(hooks))
 

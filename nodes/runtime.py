@@ -12,10 +12,22 @@ Everything reaches ComfyUI through its extension points only:
   one an object patch of the block's `forward`, predicts or computes it.
 The session lives in a copy of the guider's model options made for this run,
 so two runs, or two clones of one patched model, never share state.
+
+Faults never cost the image:
+- an exception inside the cache logic is logged once and the rest of the
+  run is computed in full (the block that raised is computed too);
+- inf or NaN never enters or leaves the cache. A predicted residual with a
+  non-finite value is discarded and the block computed instead (fp16
+  divided differences over close sigmas can overflow). A computed residual
+  or module input with one is not kept: that module's history in that chunk
+  is dropped, so nothing is ever extrapolated from or across it, and the
+  module is computed until it has finite history again. Either is said
+  once per run, as a warning.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import sys
@@ -24,7 +36,7 @@ from contextvars import ContextVar
 import torch
 
 from ..rfc_core import CacheConfig, RFCRun
-from .adapters import BlockAdapter
+from .adapters import REPLACE, BlockAdapter
 from .adapters.base import pack, unpack
 
 logger = logging.getLogger("ComfyUI-RFC")
@@ -34,6 +46,8 @@ SETTINGS_KEY = "rfc_cache_settings"
 SESSION_KEY = "rfc_cache_session"
 SUMMARY_EVENT = "rfc-cache.summary"
 MODEL_MODULE = "model"
+# Where core's EasyCache and LazyCache nodes keep their state.
+EASYCACHE_KEY = "easycache"
 
 
 class CacheSettings:
@@ -84,6 +98,14 @@ class SamplingSession:
         # text stream); only those are cached and predicted.
         self.returned_streams: dict = {}
         self.failed = False
+        self.warned_non_finite = False
+        # The block being predicted or computed: a cached block reached again
+        # inside it (another node's patch that wraps ours and was chained by
+        # us in turn) must only run, not be cached a second time.
+        self.running_module = None
+        # Blocks another node's forward patch may have taken from us, by
+        # module key, until they reach the cache (see _forwards_replaced_later).
+        self.unseen_blocks: dict = {}
 
     def start_evaluation(self, sigma: float) -> None:
         if not self.failed:
@@ -96,11 +118,55 @@ class SamplingSession:
         self.failed = True
         self.run.finish()
 
+    def _warn_non_finite(self, module: str, what: str) -> None:
+        if not self.warned_non_finite:
+            sigma = self.run.current.sigma if self.run.current is not None else float("nan")
+            logger.warning("RFC: %s at sigma %.4g: %s (said once per run)", module, sigma, what)
+        self.warned_non_finite = True
+
+    def _predicted_residual(self, chunk_key, module_key, module_input, module: str) -> torch.Tensor | None:
+        residual = self.run.predict(chunk_key, module_key, module_input)
+        if residual is None or bool(torch.isfinite(residual).all()):
+            return residual
+        # Not used: the counters count what reached the model.
+        self.run.modules_predicted -= 1
+        self._warn_non_finite(module, "the predicted output has inf or NaN values; it is discarded and the "
+                                      "block computed")
+        return None
+
+    def _record(self, chunk_key, module_key, module_input, residual: torch.Tensor, module: str) -> None:
+        self.run.record(chunk_key, module_key, module_input, residual)
+        finite = torch.isfinite(residual).all()
+        if module_input is not None:
+            finite = finite & torch.isfinite(module_input).all()
+        if bool(finite):  # one device sync per computed block
+            return
+        chunk = self.run.chunks.get(chunk_key)
+        if chunk is None:  # recorded outside an evaluation: nothing was kept
+            return
+        chunk.modules.pop(module_key, None)
+        if module_key == self.settings.first_module:
+            chunk.first_input = None
+        self._warn_non_finite(module, "the computed output or module input has inf or NaN values; it is not "
+                                      "cached, and the block is computed until it is finite again")
+
     def run_block(self, kind: str, index: int, args: dict, compute, transformer_options: dict) -> dict:
         """Predict or compute one block. `compute(args)` runs the real block and
         returns its streams by name; the result has the same form."""
+        if self.running_module is not None:
+            return compute(args)
+        self.running_module = (kind, index)
+        if self.unseen_blocks:
+            self.unseen_blocks.pop(self.running_module, None)
+        try:
+            return self._run_block(kind, index, args, compute, transformer_options)
+        finally:
+            self.running_module = None
+
+    def _run_block(self, kind: str, index: int, args: dict, compute, transformer_options: dict) -> dict:
         group = self.adapter.group(kind)
         module_key = (kind, index)
+        module = f"{kind} {index}"
         try:
             chunk_key = self.adapter.chunk_key(kind, args, transformer_options)
             module_input = None
@@ -111,12 +177,12 @@ class SamplingSession:
             names = self.returned_streams.get(module_key, group.streams)
             inputs = [args[name] for name in names]
             packed_input = pack(inputs, group.batch_dim)
-            residual = self.run.predict(chunk_key, module_key, module_input)
+            residual = self._predicted_residual(chunk_key, module_key, module_input, module)
             if residual is not None:
                 predicted = dict(zip(names, unpack(packed_input + residual, inputs, group.batch_dim)))
                 return {name: predicted.get(name) for name in group.streams}
         except Exception:
-            self.fail(f"predicting {kind} {index}")
+            self.fail(f"predicting {module}")
             return compute(args)
         output = compute(args)
         try:
@@ -125,18 +191,19 @@ class SamplingSession:
                 self.returned_streams[module_key] = returned
                 packed_input = _select_streams(packed_input, inputs, names, returned, group.batch_dim)
             packed_output = pack([output[name] for name in returned], group.batch_dim)
-            self.run.record(chunk_key, module_key, module_input, packed_output - packed_input)
+            self._record(chunk_key, module_key, module_input, packed_output - packed_input, module)
         except Exception:
-            self.fail(f"recording {kind} {index}")
+            self.fail(f"recording {module}")
         return output
 
     def run_model(self, compute, x, transformer_options: dict):
         """Whole-model granularity: the model call is the one cached module,
         the noisy latent its input, the denoised latent minus it the residual."""
+        module = "the model call"
         try:
             chunk_key = (tuple(transformer_options.get("cond_or_uncond") or ()), tuple(x.shape))
             module_input = x.detach().clone()
-            residual = self.run.predict(chunk_key, MODEL_MODULE, module_input)
+            residual = self._predicted_residual(chunk_key, MODEL_MODULE, module_input, module)
             if residual is not None:
                 return unpack(pack([x]) + residual, [x])[0]
         except Exception:
@@ -149,7 +216,7 @@ class SamplingSession:
             packed_output = pack([output])
             if output.shape == x.shape:
                 packed_output = packed_output - pack([x]).to(packed_output.dtype)
-            self.run.record(chunk_key, MODEL_MODULE, module_input, packed_output)
+            self._record(chunk_key, MODEL_MODULE, module_input, packed_output, module)
         except Exception:
             self.fail("recording the model output")
         return output
@@ -161,6 +228,12 @@ class SamplingSession:
         if self.failed:
             summary += " (caching failed part-way; the rest was computed in full)"
         logger.info("%s", summary)
+        if self.unseen_blocks and self.run.evaluations and not self.failed:
+            nothing_skipped = ("; nothing could be skipped, the first block is among them"
+                               if self.settings.first_module in self.unseen_blocks else "")
+            logger.warning("RFC: a node applied after RFC Cache replaced the forward of %d block(s) without "
+                           "calling RFC's (%s): they were computed every time%s. Apply that node before RFC Cache.",
+                           len(self.unseen_blocks), ", ".join(self.unseen_blocks.values()), nothing_skipped)
         _send_summary(self.settings.node_id, summary)
         return summary
 
@@ -227,14 +300,16 @@ class CachedForward:
     """The object patch that replaces one block's `forward` in families
     without a block patch point. ComfyUI restores the original on unpatch."""
 
-    def __init__(self, kind: str, index: int, outputs: tuple[str, ...], original):
+    def __init__(self, kind: str, index: int, outputs: tuple[str, ...], original, block_forward=None):
         self.kind = kind
         self.index = index
         self.outputs = outputs
         # The block's own forward, or another object patch this model
         # already had on it, which we then run in its place.
         self.original = original
-        self.signature = inspect.signature(original)
+        # Arguments are named by the block's own forward: a patch we chain
+        # usually takes (*args, **kwargs).
+        self.signature = inspect.signature(block_forward if block_forward is not None else original)
 
     def __call__(self, *args, **kwargs):
         session, transformer_options = _ACTIVE_CALL.get() or (None, {})
@@ -255,6 +330,80 @@ class CachedForward:
         return tuple(streams[name] for name in self.outputs)
 
 
+def refuse_other_cache(transformer_options: dict) -> None:
+    """Core's EasyCache or LazyCache on the same model skips whole model calls
+    on its own schedule while RFC skips blocks on its own: each would judge
+    its error from outputs the other already approximated, and the two
+    errors compound. Refused in either order, before anything is computed."""
+    if EASYCACHE_KEY in transformer_options:
+        other = getattr(transformer_options[EASYCACHE_KEY], "name", "EasyCache")
+        raise ValueError(f"RFC Cache: this model also has core's {other} node. Two caches on one model skip on "
+                         f"their own schedules and compound their errors; remove one of them.")
+
+
+def _holds_cached_block(patch) -> bool:
+    """Whether a patch keeps one of our entries (in its closure, default
+    arguments, attributes, or a functools.partial's arguments): a patch built
+    to wrap the entry it found, which it then calls in place of the block."""
+    held = []
+    for cell in getattr(patch, "__closure__", None) or ():
+        try:
+            held.append(cell.cell_contents)
+        except ValueError:  # a free variable not assigned yet
+            continue
+    held += list(getattr(patch, "__defaults__", None) or ())
+    held += list((getattr(patch, "__kwdefaults__", None) or {}).values())
+    held += list(getattr(patch, "__dict__", {}).values())
+    held += list(getattr(getattr(patch, "__self__", None), "__dict__", {}).values())
+    if isinstance(patch, functools.partial):
+        held += [patch.func, *patch.args, *patch.keywords.values()]
+    return any(isinstance(item, CachedBlock) for item in held)
+
+
+def _chain_patches_added_later(run_options: dict, settings: CacheSettings, diffusion_model) -> None:
+    """A node applied after RFC Cache that sets `patches_replace` on a block
+    replaces our entry. If its patch wraps ours, the block still reaches the
+    cache through it and it runs around the cache on every evaluation.
+    Otherwise, for this run's options only, ours is put back around it,
+    chained as if that node had been applied first."""
+    replaced = run_options.get("transformer_options", {}).get("patches_replace", {}).get("dit")
+    if not replaced:
+        return
+    for kind, index in settings.adapter.block_keys(diffusion_model):
+        patch = replaced.get((kind, index))
+        if (settings.adapter.group(kind).hook == REPLACE and patch is not None
+                and not isinstance(patch, CachedBlock) and not _holds_cached_block(patch)):
+            replaced[(kind, index)] = CachedBlock(kind, index, patch)
+
+
+def _forwards_replaced_later(model_patcher, settings: CacheSettings, diffusion_model) -> dict:
+    """Blocks whose forward object patch is no longer ours: a node applied
+    after RFC Cache patched it again. If that patch wraps ours (as one built
+    on `get_model_object` does) the block still reaches the cache; if not,
+    RFC never sees the block, which `SamplingSession.finish` reports. The
+    patcher's object patches belong to that node, so they are left alone."""
+    replaced = {}
+    for kind, index in settings.adapter.block_keys(diffusion_model):
+        if settings.adapter.group(kind).hook == REPLACE:
+            continue
+        path = f"diffusion_model.{settings.adapter.block_path(diffusion_model, kind, index)}.forward"
+        if not isinstance(model_patcher.object_patches.get(path), CachedForward):
+            replaced[(kind, index)] = path
+    return replaced
+
+
+def _start_session(guider, settings: CacheSettings) -> tuple[SamplingSession, dict]:
+    model_patcher = guider.model_patcher
+    diffusion_model = model_patcher.model.diffusion_model
+    session = SamplingSession(settings, diffusion_model, _skip_window(model_patcher, settings.config))
+    run_options = _copy_nested(guider.model_options)
+    run_options.setdefault("transformer_options", {})[SESSION_KEY] = session
+    if settings.granularity == "blocks":
+        _chain_patches_added_later(run_options, settings, diffusion_model)
+        session.unseen_blocks = _forwards_replaced_later(model_patcher, settings, diffusion_model)
+    return session, run_options
+
+
 def outer_sample_wrapper(executor, *args, **kwargs):
     guider = executor.class_obj
     original_options = guider.model_options
@@ -262,21 +411,24 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     settings: CacheSettings | None = transformer_options.get(SETTINGS_KEY)
     if settings is None or SESSION_KEY in transformer_options:
         return executor(*args, **kwargs)
+    refuse_other_cache(transformer_options)
     if not settings.config.skipping_enabled:
         logger.info("RFC: threshold, max_skip or interval is set to never skip; every evaluation is computed")
         return executor(*args, **kwargs)
-    session = None
     try:
-        model_patcher = guider.model_patcher
-        session = SamplingSession(settings, model_patcher.model.diffusion_model,
-                                  _skip_window(model_patcher, settings.config))
-        guider.model_options = _copy_nested(original_options)
-        guider.model_options.setdefault("transformer_options", {})[SESSION_KEY] = session
+        session, run_options = _start_session(guider, settings)
+    except Exception:
+        logger.exception("RFC: could not start caching; this run is computed in full")
+        return executor(*args, **kwargs)
+    guider.model_options = run_options
+    try:
         return executor(*args, **kwargs)
     finally:
         guider.model_options = original_options
-        if session is not None:
+        try:
             session.finish()
+        except Exception:
+            logger.exception("RFC: could not report on this run")
 
 
 def calc_cond_batch_wrapper(executor, *args, **kwargs):

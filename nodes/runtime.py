@@ -37,7 +37,7 @@ import torch
 
 from ..rfc_core import CacheConfig, RFCRun
 from .adapters import REPLACE, BlockAdapter
-from .adapters.base import pack, unpack
+from .adapters.base import chunk_identity, pack, unpack
 
 logger = logging.getLogger("ComfyUI-RFC")
 
@@ -201,7 +201,7 @@ class SamplingSession:
         the noisy latent its input, the denoised latent minus it the residual."""
         module = "the model call"
         try:
-            chunk_key = (tuple(transformer_options.get("cond_or_uncond") or ()), tuple(x.shape))
+            chunk_key = chunk_identity(transformer_options, x)
             module_input = x.detach().clone()
             residual = self._predicted_residual(chunk_key, MODEL_MODULE, module_input, module)
             if residual is not None:

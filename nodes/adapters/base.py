@@ -61,6 +61,15 @@ def unpack(packed: torch.Tensor, like: list[torch.Tensor], batch_dim: int = 0) -
             for part, t in zip(parts, like)]
 
 
+def chunk_identity(transformer_options: dict, first_stream: torch.Tensor) -> Hashable:
+    """Which conditionings a chunk carries and its shape. The uuids tell apart
+    same-size area prompts run as separate chunks and a prompt that takes
+    over from another mid-run; cond_or_uncond is kept because ComfyUI copies
+    a positive area cond, uuid included, into the negative list."""
+    return (tuple(transformer_options.get("cond_or_uncond") or ()),
+            tuple(str(uuid) for uuid in transformer_options.get("uuids") or ()), tuple(first_stream.shape))
+
+
 def blocks_of(container) -> list[torch.nn.Module]:
     if container is None:
         return []
@@ -131,5 +140,4 @@ class BlockAdapter:
     def chunk_key(self, kind: str, args: dict, transformer_options: dict) -> Hashable:
         """Identifies one chunk of an evaluation (cond and uncond batched or
         apart) so each keeps its own cached features."""
-        first_stream = args[self.streams(kind)[0]]
-        return tuple(transformer_options.get("cond_or_uncond") or ()), tuple(first_stream.shape)
+        return chunk_identity(transformer_options, args[self.streams(kind)[0]])

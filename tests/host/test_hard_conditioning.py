@@ -245,8 +245,6 @@ def test_split_chunks_share_each_decision(models, nodes, family, positive, monke
     torch.testing.assert_close(split, batched, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.xfail(strict=True, reason="chunks are keyed by cond_or_uncond and shape, not by the conditionings "
-                                       "they run: two same-shape positive chunks share one cache")
 @pytest.mark.parametrize("family", sorted(SPECS))
 def test_split_area_prompts_of_one_size_keep_their_own_features(models, nodes, family, monkeypatch):
     """Two areas of the same size batch into one chunk, or run as two when
@@ -260,8 +258,6 @@ def test_split_area_prompts_of_one_size_keep_their_own_features(models, nodes, f
     torch.testing.assert_close(split, batched, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.xfail(strict=True, reason="chunks are keyed by cond_or_uncond and shape, not by the conditionings "
-                                       "they run: a prompt that takes over from another inherits its cache")
 @pytest.mark.parametrize("family", sorted(SPECS))
 def test_a_prompt_that_takes_over_mid_run_computes_before_it_is_predicted(models, nodes, family):
     """cfg 1, one prompt up to the third evaluation and another from the

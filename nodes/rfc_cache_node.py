@@ -8,7 +8,8 @@ import types
 from ..rfc_core import ESTIMATORS, RANGES, SCHEDULERS, CacheConfig
 from .adapters import REPLACE, BlockAdapter, detect_adapter, supported_families
 from .runtime import (MODEL_MODULE, SETTINGS_KEY, WRAPPER_KEY, CacheSettings, CachedBlock, CachedForward,
-                      apply_model_wrapper, calc_cond_batch_wrapper, outer_sample_wrapper, refuse_other_cache)
+                      apply_model_wrapper, calc_cond_batch_wrapper, forward_patch_key, outer_sample_wrapper,
+                      refuse_other_cache)
 
 logger = logging.getLogger("ComfyUI-RFC")
 
@@ -115,7 +116,7 @@ def _patch_blocks(patched, adapter: BlockAdapter, block_keys) -> str:
             patched.set_model_patch_replace(CachedBlock(kind, index, chained), "dit", kind, index)
             hooks.add(f'patches_replace["dit"]["{kind}"]')
         else:
-            path = f"diffusion_model.{adapter.block_path(diffusion_model, kind, index)}.forward"
+            path = forward_patch_key(adapter, diffusion_model, kind, index)
             # The class's forward bound to the block, not whatever the shared
             # module holds right now: another clone's patches may be applied
             # to it at this moment.

@@ -107,6 +107,11 @@ class SamplingSession:
         # module key, until they reach the cache (see _forwards_replaced_later).
         self.unseen_blocks: dict = {}
 
+    @property
+    def caches_blocks(self) -> bool:
+        """Blocks go through the cache: neither failed nor whole-model."""
+        return not self.failed and self.settings.granularity == "blocks"
+
     def start_evaluation(self, sigma: float) -> None:
         if not self.failed:
             self.run.start_evaluation(sigma)
@@ -291,7 +296,7 @@ class CachedBlock:
             def compute(block_args):
                 return self.chained(block_args, extra)
         session, transformer_options = _session_for(args)
-        if session is None or session.failed or session.settings.granularity != "blocks":
+        if session is None or not session.caches_blocks:
             return compute(args)
         return session.run_block(self.kind, self.index, args, compute, transformer_options)
 
@@ -313,7 +318,7 @@ class CachedForward:
 
     def __call__(self, *args, **kwargs):
         session, transformer_options = _ACTIVE_CALL.get() or (None, {})
-        if session is None or session.failed or session.settings.granularity != "blocks":
+        if session is None or not session.caches_blocks:
             return self.original(*args, **kwargs)
         bound = self.signature.bind(*args, **kwargs)
         bound.apply_defaults()
@@ -328,6 +333,11 @@ class CachedForward:
         if len(self.outputs) == 1:
             return streams[self.outputs[0]]
         return tuple(streams[name] for name in self.outputs)
+
+
+def forward_patch_key(adapter: BlockAdapter, diffusion_model, kind: str, index: int) -> str:
+    """The ModelPatcher object-patch key of a block's forward."""
+    return f"diffusion_model.{adapter.block_path(diffusion_model, kind, index)}.forward"
 
 
 def refuse_other_cache(transformer_options: dict) -> None:
@@ -386,7 +396,7 @@ def _forwards_replaced_later(model_patcher, settings: CacheSettings, diffusion_m
     for kind, index in settings.adapter.block_keys(diffusion_model):
         if settings.adapter.group(kind).hook == REPLACE:
             continue
-        path = f"diffusion_model.{settings.adapter.block_path(diffusion_model, kind, index)}.forward"
+        path = forward_patch_key(settings.adapter, diffusion_model, kind, index)
         if not isinstance(model_patcher.object_patches.get(path), CachedForward):
             replaced[(kind, index)] = path
     return replaced

@@ -32,3 +32,11 @@ def comfy():
 
     boot_comfyui(COMFYUI_PATH)
     return sys.modules["comfy"]
+
+
+@pytest.fixture(scope="session")
+def nodes(comfy):
+    """ComfyUI's `nodes` module, with this pack's nodes registered."""
+    import nodes
+
+    return nodes

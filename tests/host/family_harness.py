@@ -92,12 +92,6 @@ class FamilyContract:
             self.spec.prepare(patcher.model.diffusion_model)
         return patcher
 
-    @pytest.fixture(scope="class")
-    def nodes(self, comfy):
-        import nodes
-
-        return nodes
-
     def counted_modules(self, model):
         diffusion_model = model.model.diffusion_model
         if self.spec.counted_modules is not None:

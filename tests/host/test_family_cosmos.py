@@ -78,7 +78,6 @@ class TestCosmosPredict2ExtraPositionEmbedding:
 
     spec = dataclasses.replace(PREDICT2_SPEC, unet_config={**PREDICT2_CONFIG, "extra_per_block_abs_pos_emb": True})
     model = FamilyContract.model
-    nodes = FamilyContract.nodes
     adapter = FamilyContract.adapter
     test_module_input_is_what_the_block_feeds_its_first_layer = \
         FamilyContract.test_module_input_is_what_the_block_feeds_its_first_layer
@@ -105,7 +104,6 @@ class TestCosmos1Layout:
 
     spec = COSMOS1_SPEC
     model = FamilyContract.model
-    nodes = FamilyContract.nodes
 
     def test_each_sample_of_a_batch_is_cached_as_if_sampled_alone(self, model, nodes):
         """Every estimate is per sample (its gain is taken from that sample's

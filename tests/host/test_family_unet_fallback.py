@@ -3,10 +3,13 @@ SD1.5 and SDXL UNets), and what any model gets with granularity "model"."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from family_harness import FORCED, FamilyContract, FamilySpec, rfc, sample_spec
-from tiny_models import FLUX_CONFIG, build, conditioning, counted
+from shared_specs import FLUX_SPEC
+from tiny_models import FLUX_CONFIG, build, counted
 
 UNET_COMMON = {
     "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 32,
@@ -51,10 +54,7 @@ class TestSDXL(FamilyContract):
     spec = SDXL
 
 
-FLUX_AS_WHOLE_MODEL = FamilySpec(
-    name="flux", config_class="Flux", unet_config=FLUX_CONFIG, latent_shape=(16, 16, 16),
-    conditioning=lambda batch, seed: conditioning(batch, seed=seed), counted_modules=whole_model,
-    granularity="model")
+FLUX_AS_WHOLE_MODEL = dataclasses.replace(FLUX_SPEC, counted_modules=whole_model, granularity="model")
 
 
 def test_granularity_model_caches_a_block_family_as_one_module(comfy):

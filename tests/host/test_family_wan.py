@@ -188,12 +188,6 @@ class TestWan22TwoExperts:
     def experts(self, comfy):
         return build("WAN21_T2V", WAN21_SPEC.unet_config, seed=1), build("WAN21_T2V", WAN21_SPEC.unet_config, seed=2)
 
-    @pytest.fixture(scope="class")
-    def nodes(self, comfy):
-        import nodes
-
-        return nodes
-
     @staticmethod
     def blocks(model_patcher):
         return list(model_patcher.model.diffusion_model.blocks)

@@ -25,13 +25,6 @@ APPEARS_AT = 3
 
 
 @pytest.fixture(scope="module")
-def nodes(comfy):
-    import nodes
-
-    return nodes
-
-
-@pytest.fixture(scope="module")
 def models(comfy):
     return family_models()
 

@@ -16,13 +16,9 @@ import pytest
 import torch
 
 from family_harness import FORCED, FamilySpec, pack_module, rfc, sample_spec
-from test_family_lumina2 import SPEC as LUMINA2_SPEC
-from test_family_wan import WAN21_SPEC
-from tiny_models import FLUX_CONFIG, build, conditioning, counted
+from shared_specs import FLUX_SPEC, SPECS
+from tiny_models import FLUX_CONFIG, build, counted
 
-FLUX_SPEC = FamilySpec(name="flux", config_class="Flux", unet_config=FLUX_CONFIG, latent_shape=(16, 16, 16),
-                       conditioning=lambda batch, seed: conditioning(batch, seed=seed))
-SPECS = {"flux": FLUX_SPEC, "wan": WAN21_SPEC, "lumina2": LUMINA2_SPEC}
 STEPS = 12
 # FORCED at STEPS: evaluations 0, 1, 4, 7, 10 computed.
 FORCED_COMPUTED = 5

@@ -89,13 +89,6 @@ def guided_sampling(family: Family, patcher, callback=None):
     return guider, sample
 
 
-@pytest.fixture(scope="module")
-def nodes(comfy):
-    import nodes
-
-    return nodes
-
-
 @pytest.fixture(scope="module", params=sorted(SPECS))
 def family(request, comfy):
     return Family(SPECS[request.param])

@@ -96,13 +96,6 @@ def live_objects(session_type) -> tuple[int, int, int]:
     return len(tensors), sum(storages.values()), sessions
 
 
-@pytest.fixture(scope="module")
-def nodes(comfy):
-    import nodes
-
-    return nodes
-
-
 @pytest.fixture(scope="module", params=sorted(SPECS))
 def family(request, comfy):
     return Family(SPECS[request.param])

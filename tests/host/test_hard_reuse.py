@@ -14,13 +14,10 @@ import pytest
 import torch
 
 from family_harness import FORCED, NEVER_SKIPS, FamilySpec, pack_module, rfc
-from test_family_lumina2 import SPEC as LUMINA2_SPEC
 from test_family_wan import SWITCH_STEP, WAN21_SPEC, expert_pass
-from tiny_models import FLUX_CONFIG, build, conditioning, counted
+from shared_specs import SPECS
+from tiny_models import build, counted
 
-FLUX_SPEC = FamilySpec(name="flux", config_class="Flux", unet_config=FLUX_CONFIG, latent_shape=(16, 16, 16),
-                       conditioning=lambda batch, seed: conditioning(batch, seed=seed))
-SPECS = {"flux": FLUX_SPEC, "wan": WAN21_SPEC, "lumina2": LUMINA2_SPEC}
 
 STEPS = 12
 CFG = 3.0
@@ -84,13 +81,6 @@ def upscale(latent: torch.Tensor) -> torch.Tensor:
     import nodes
 
     return nodes.LatentUpscaleBy().upscale({"samples": latent}, "bilinear", HIRES_SCALE)[0]["samples"]
-
-
-@pytest.fixture(scope="module")
-def nodes(comfy):
-    import nodes
-
-    return nodes
 
 
 @pytest.fixture(scope="module", params=sorted(SPECS))

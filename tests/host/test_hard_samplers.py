@@ -18,13 +18,9 @@ import pytest
 import torch
 
 from family_harness import FORCED, NEVER_SKIPS, FamilySpec, pack_module, rfc
-from test_family_lumina2 import SPEC as LUMINA2_SPEC
-from test_family_wan import WAN21_SPEC
-from tiny_models import FLUX_CONFIG, build, conditioning
+from shared_specs import FLUX_SPEC, SPECS
+from tiny_models import build
 
-FLUX_SPEC = FamilySpec(name="flux", config_class="Flux", unet_config=FLUX_CONFIG, latent_shape=(16, 16, 16),
-                       conditioning=lambda batch, seed: conditioning(batch, seed=seed))
-SPECS = {"flux": FLUX_SPEC, "wan": WAN21_SPEC, "lumina2": LUMINA2_SPEC}
 THRESHOLD_ZERO = {**FORCED, "threshold": 0.0}
 
 
@@ -227,13 +223,6 @@ CASES = {
     ),
 }
 PARAMS = [pytest.param(family, case, id=f"{family}-{case.id}") for family, cases in CASES.items() for case in cases]
-
-
-@pytest.fixture(scope="module")
-def nodes(comfy):
-    import nodes
-
-    return nodes
 
 
 def family_models():

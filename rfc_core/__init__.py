@@ -1,13 +1,13 @@
 """Relational Feature Caching in plain torch: nothing here imports ComfyUI."""
 
-from .config import RANGES, SCHEDULERS, CacheConfig, check_range
+from .config import CACHE_DEVICES, CACHE_DTYPES, RANGES, SCHEDULERS, CacheConfig, check_range
 from .estimators import ESTIMATORS, RelationalEstimator, ReuseEstimator, TaylorEstimator, make_estimator
 from .newton import NewtonHistory
 from .run import RFCRun
 from .schedulers import FixedIntervalScheduler, RelationalScheduler
 
 __all__ = [
-    "CacheConfig", "RANGES", "SCHEDULERS", "check_range",
+    "CacheConfig", "CACHE_DEVICES", "CACHE_DTYPES", "RANGES", "SCHEDULERS", "check_range",
     "ESTIMATORS", "RelationalEstimator", "ReuseEstimator", "TaylorEstimator", "make_estimator",
     "NewtonHistory", "RFCRun", "FixedIntervalScheduler", "RelationalScheduler",
 ]

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .estimators import ESTIMATORS
 
 SCHEDULERS = ("rcs", "fixed")
+# auto: on the model's device unless the cache would take more than a share
+# of the free device memory (rfc_core.storage); model: always on the model's
+# device; cpu: always in system memory.
+CACHE_DEVICES = ("auto", "model", "cpu")
+# auto: the dtype the model computed the feature in.
+CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 # (low, high) inclusive, per widget; the node definitions read the same table.
 RANGES = {
@@ -16,6 +23,7 @@ RANGES = {
     "interval": (1, 50),
     "start_percent": (0.0, 1.0),
     "end_percent": (0.0, 1.0),
+    "target_speedup": (0.0, 20.0),
 }
 
 
@@ -23,6 +31,9 @@ def check_range(widget: str, value) -> None:
     low, high = RANGES[widget]
     if not (low <= value <= high):
         raise ValueError(f"RFC Cache: '{widget}' must be between {low} and {high}, got {value}")
+    if widget == "target_speedup" and 0.0 < value < 1.0:
+        raise ValueError(f"RFC Cache: 'target_speedup' must be 0 (off: the threshold rules) or between 1 and "
+                         f"{high}, got {value}")
 
 
 @dataclass(frozen=True)
@@ -37,6 +48,11 @@ class CacheConfig:
         evaluations.
     start_percent / end_percent: only evaluations inside this part of the
         schedule may be skipped (0 is the start of sampling, 1 the end).
+    target_speedup: when above 0, the threshold is ignored and RCS spends
+        about one full computation per `target_speedup` model evaluations
+        (rfc_core.budget); only with the rcs scheduler.
+    cache_device / cache_dtype: where, and in what dtype, cached features
+        are kept (CACHE_DEVICES, CACHE_DTYPES).
     """
 
     threshold: float = 0.1
@@ -47,6 +63,9 @@ class CacheConfig:
     interval: int = 3
     start_percent: float = 0.0
     end_percent: float = 1.0
+    target_speedup: float = 0.0
+    cache_device: str = "auto"
+    cache_dtype: str = "auto"
 
     def __post_init__(self):
         for widget in RANGES:
@@ -55,6 +74,16 @@ class CacheConfig:
             raise ValueError(f"RFC Cache: 'estimator' must be one of {sorted(ESTIMATORS)}, got {self.estimator!r}")
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"RFC Cache: 'scheduler' must be one of {list(SCHEDULERS)}, got {self.scheduler!r}")
+        for widget, allowed in (("cache_device", CACHE_DEVICES), ("cache_dtype", CACHE_DTYPES)):
+            if getattr(self, widget) not in allowed:
+                raise ValueError(f"RFC Cache: '{widget}' must be one of {list(allowed)}, got {getattr(self, widget)!r}")
+        if self.target_speedup and self.scheduler != "rcs":
+            raise ValueError("RFC Cache: 'target_speedup' works with the rcs scheduler only; set it to 0 to use "
+                             "the fixed scheduler's interval")
+        if self.target_speedup > self.max_skip + 1:
+            raise ValueError(f"RFC Cache: 'target_speedup' {self.target_speedup} needs 'max_skip' of at least "
+                             f"{math.ceil(self.target_speedup - 1)} (one full computation per "
+                             f"{self.target_speedup} evaluations skips that many in a row), got {self.max_skip}")
         if self.start_percent >= self.end_percent:
             raise ValueError(
                 f"RFC Cache: 'start_percent' ({self.start_percent}) must be below 'end_percent' ({self.end_percent})")
@@ -63,6 +92,8 @@ class CacheConfig:
     def skipping_enabled(self) -> bool:
         if self.max_skip == 0:
             return False
+        if self.target_speedup:
+            return self.target_speedup > 1.0
         if self.scheduler == "rcs":
             return self.threshold > 0
         return self.interval > 1
@@ -73,5 +104,12 @@ class CacheConfig:
         return self.order + 1
 
     def describe(self) -> str:
-        rule = f"threshold {self.threshold}" if self.scheduler == "rcs" else f"interval {self.interval}"
-        return f"{self.estimator} + {self.scheduler} (order {self.order}, {rule}, max_skip {self.max_skip})"
+        if self.target_speedup:
+            rule = f"target speedup {self.target_speedup}"
+        elif self.scheduler == "rcs":
+            rule = f"threshold {self.threshold}"
+        else:
+            rule = f"interval {self.interval}"
+        storage = f"cache on {self.cache_device}" + ("" if self.cache_dtype == "auto" else f" in {self.cache_dtype}")
+        return (f"{self.estimator} + {self.scheduler} (order {self.order}, {rule}, max_skip {self.max_skip}, "
+                f"{storage})")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from .newton import NewtonHistory
+from .storage import FeatureStorage
 
 # Below this norm a direction or an input change is treated as zero.
 _TINY = 1e-12
@@ -31,9 +32,9 @@ class TaylorEstimator:
 
     name = "taylor"
 
-    def __init__(self, order: int):
+    def __init__(self, order: int, storage: FeatureStorage | None = None):
         self.order = order
-        self.history = NewtonHistory(order)
+        self.history = NewtonHistory(order, storage)
 
     @property
     def ready(self) -> bool:
@@ -45,6 +46,9 @@ class TaylorEstimator:
     def predict(self, sigma: float, module_input: torch.Tensor | None) -> torch.Tensor:
         return self.history.forecast(sigma)
 
+    def relocate(self, storage: FeatureStorage) -> None:
+        self.history.relocate(storage)
+
     def nbytes(self) -> int:
         return self.history.nbytes()
 
@@ -54,8 +58,8 @@ class ReuseEstimator(TaylorEstimator):
 
     name = "reuse"
 
-    def __init__(self, order: int = 0):
-        super().__init__(order=0)
+    def __init__(self, order: int = 0, storage: FeatureStorage | None = None):
+        super().__init__(0, storage)
 
 
 class RelationalEstimator(TaylorEstimator):
@@ -80,8 +84,9 @@ class RelationalEstimator(TaylorEstimator):
 
     name = "rfe"
 
-    def __init__(self, order: int):
-        super().__init__(order)
+    def __init__(self, order: int, storage: FeatureStorage | None = None):
+        super().__init__(order, storage)
+        # As stored (see NewtonHistory.coeffs).
         self.last_input: torch.Tensor | None = None
         self.gain: torch.Tensor | None = None
 
@@ -90,11 +95,14 @@ class RelationalEstimator(TaylorEstimator):
             raise ValueError("RelationalEstimator needs the module input")
         if self.ready and self.last_input is not None and self.last_input.shape == module_input.shape:
             output_change = per_sample_norm(output - self.history.newest)
-            input_change = per_sample_norm(module_input - self.last_input)
+            input_change = per_sample_norm(module_input - self._last_input(module_input))
             self.gain = torch.where(input_change > _TINY, output_change / input_change.clamp_min(_TINY),
                                     torch.full_like(input_change, float("nan")))
         super().update(sigma, output, module_input)
-        self.last_input = module_input
+        self.last_input = self.history.storage.keep(module_input)
+
+    def _last_input(self, like: torch.Tensor) -> torch.Tensor:
+        return self.last_input.to(device=like.device, dtype=like.dtype)
 
     def predict(self, sigma: float, module_input: torch.Tensor | None) -> torch.Tensor:
         increment = self.history.increment(sigma)
@@ -102,13 +110,18 @@ class RelationalEstimator(TaylorEstimator):
         if increment is None or self.gain is None or module_input is None:
             return base if increment is None else base + increment
         direction_norm = per_sample_norm(increment)
-        magnitude = self.gain * per_sample_norm(module_input - self.last_input)
+        magnitude = self.gain * per_sample_norm(module_input - self._last_input(module_input))
         usable = (direction_norm > _TINY) & torch.isfinite(magnitude)
         # Where the relation cannot be used, keep Taylor's own step (factor 1).
         relational = (magnitude / direction_norm.clamp_min(_TINY)).clamp(max=1.0)
         factor = torch.where(usable, relational, torch.ones_like(magnitude))
         factor = factor.to(base.dtype).view(-1, *([1] * (base.ndim - 1)))
         return base + increment * factor
+
+    def relocate(self, storage: FeatureStorage) -> None:
+        super().relocate(storage)
+        if self.last_input is not None:
+            self.last_input = storage.keep(self.last_input)
 
     def nbytes(self) -> int:
         extra = 0 if self.last_input is None else self.last_input.numel() * self.last_input.element_size()
@@ -122,5 +135,5 @@ ESTIMATORS = {
 }
 
 
-def make_estimator(kind: str, order: int) -> TaylorEstimator:
-    return ESTIMATORS[kind](order)
+def make_estimator(kind: str, order: int, storage: FeatureStorage | None = None) -> TaylorEstimator:
+    return ESTIMATORS[kind](order, storage)

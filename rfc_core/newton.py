@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from .storage import FeatureStorage
+
 # Two full computations closer than this (relative to sigma) are treated as the
 # same point: dividing by their gap would amplify noise without bound.
 _SAME_SIGMA_RTOL = 1e-6
@@ -25,23 +27,33 @@ class NewtonHistory:
     (`order + 1` tensors), which is all a forecast needs.
     """
 
-    def __init__(self, order: int):
+    def __init__(self, order: int, storage: FeatureStorage | None = None):
         self.order = order
+        self.storage = storage or FeatureStorage()
         self.nodes: list[float] = []
+        # As stored: on the storage's device and in its dtype.
         self.coeffs: list[torch.Tensor] = []
+        # Where and in what dtype forecasts are computed: the newest value's.
+        self._device: torch.device | None = None
+        self._dtype: torch.dtype | None = None
 
     def __len__(self) -> int:
         return len(self.nodes)
 
+    def _coeff(self, j: int) -> torch.Tensor:
+        return self.coeffs[j].to(device=self._device, dtype=self._dtype)
+
     @property
     def newest(self) -> torch.Tensor:
-        return self.coeffs[0]
+        return self._coeff(0)
 
     @staticmethod
     def _is_same_point(x: float, node: float) -> bool:
         return abs(x - node) <= _SAME_SIGMA_RTOL * max(1.0, abs(node))
 
     def push(self, x: float, value: torch.Tensor) -> None:
+        self._device, self._dtype = value.device, self.storage.working_dtype(value)
+        value = value.to(self._dtype)
         if self.nodes and self._is_same_point(x, self.nodes[0]):
             self._replace_newest(value)
             return
@@ -49,8 +61,8 @@ class NewtonHistory:
         new_coeffs = [value]
         for j in range(min(len(self.coeffs), self.order)):
             gap = x - self.nodes[j]
-            new_coeffs.append((new_coeffs[j] - self.coeffs[j]) / gap)
-        self.coeffs = new_coeffs
+            new_coeffs.append((new_coeffs[j] - self._coeff(j)) / gap)
+        self.coeffs = [self.storage.keep(c) for c in new_coeffs]
         self.nodes = ([x] + self.nodes)[: self.order + 1]
 
     def _drop_from_same_point(self, x: float) -> None:
@@ -70,13 +82,13 @@ class NewtonHistory:
     def _replace_newest(self, value: torch.Tensor) -> None:
         # Changing f(x0) by delta moves the j-th coefficient by
         # delta / prod_{i<j}(x0 - x_i) for i = 1..j; the nodes stay the same.
-        delta = value - self.coeffs[0]
+        delta = value - self._coeff(0)
         coeffs = [value]
         denominator = 1.0
         for j in range(1, len(self.coeffs)):
             denominator *= self.nodes[0] - self.nodes[j]
-            coeffs.append(self.coeffs[j] + delta / denominator)
-        self.coeffs = coeffs
+            coeffs.append(self._coeff(j) + delta / denominator)
+        self.coeffs = [self.storage.keep(c) for c in coeffs]
 
     def increment(self, x: float) -> torch.Tensor | None:
         """Forecast at `x` minus the newest value; None when order 0 or one point."""
@@ -86,13 +98,17 @@ class NewtonHistory:
         basis = 1.0
         for j in range(1, len(self.coeffs)):
             basis *= x - self.nodes[j - 1]
-            term = self.coeffs[j] * basis
+            term = self._coeff(j) * basis
             total = term if total is None else total + term
         return total
 
     def forecast(self, x: float) -> torch.Tensor:
         step = self.increment(x)
-        return self.coeffs[0] if step is None else self.coeffs[0] + step
+        return self.newest if step is None else self.newest + step
+
+    def relocate(self, storage: FeatureStorage) -> None:
+        self.storage = storage
+        self.coeffs = [storage.keep(c) for c in self.coeffs]
 
     def nbytes(self) -> int:
         return sum(c.numel() * c.element_size() for c in self.coeffs)

@@ -11,14 +11,16 @@ every other chunk follows it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Hashable
+from typing import Hashable, Sequence
 
 import torch
 
+from .budget import EvaluationPlan, SpeedupScheduler
 from .config import CacheConfig
 from .estimators import TaylorEstimator, make_estimator
 from .newton import NewtonHistory
 from .schedulers import make_scheduler
+from .storage import FeatureStorage
 
 
 def relative_l1(actual: torch.Tensor, forecast: torch.Tensor) -> float:
@@ -33,6 +35,11 @@ class Evaluation:
     sigma: float
     computed: bool = True
     forecast_error: float | None = None
+    # The scheduler's accumulated error and threshold at the decision, when it made one.
+    accumulated: float | None = None
+    threshold: float | None = None
+    # Why it was computed or predicted.
+    reason: str = ""
 
 
 @dataclass
@@ -47,13 +54,24 @@ class ChunkCache:
 
 class RFCRun:
     def __init__(self, config: CacheConfig, first_module: Hashable,
-                 skip_window: tuple[float, float] | None = None):
+                 skip_window: tuple[float, float] | None = None, schedule: Sequence[float] | None = None,
+                 storage: FeatureStorage | None = None):
         """skip_window: (highest, lowest) sigma; evaluations with
-        lowest < sigma <= highest may be skipped. None allows every sigma."""
+        lowest < sigma <= highest may be skipped. None allows every sigma.
+        schedule: the run's sigmas, the last one where sampling ends; needed
+        for a speedup target. storage: where cached features are kept."""
         self.config = config
         self.first_module = first_module
         self.skip_window = skip_window
-        self.scheduler = make_scheduler(config)
+        self.storage = storage or FeatureStorage()
+        self.plan = EvaluationPlan(schedule) if schedule is not None else None
+        if config.target_speedup:
+            if self.plan is None:
+                raise ValueError("a speedup target needs the run's sigma schedule")
+            self.scheduler = SpeedupScheduler(config.target_speedup, config.order, self.plan, self.fewest_full,
+                                              config.warmup)
+        else:
+            self.scheduler = make_scheduler(config)
         self.chunks: dict[Hashable, ChunkCache] = {}
         self.evaluations: list[Evaluation] = []
         self.full_count = 0
@@ -70,6 +88,8 @@ class RFCRun:
     def start_evaluation(self, sigma: float) -> None:
         self._track_memory()
         self.evaluations.append(Evaluation(sigma=float(sigma)))
+        if self.plan is not None:
+            self.plan.observe(float(sigma))
         self._skip = None
 
     def _in_window(self, sigma: float) -> bool:
@@ -78,17 +98,55 @@ class RFCRun:
         highest, lowest = self.skip_window
         return lowest < sigma <= highest
 
+    def fewest_full(self, sigmas: list[float], cached_in_row: int) -> int:
+        """Full computations that max_skip and the window force over
+        evaluations at `sigmas`, however the rest is decided."""
+        forced = 0
+        for sigma in sigmas:
+            if not self._in_window(sigma) or cached_in_row >= self.config.max_skip:
+                forced += 1
+                cached_in_row = 0
+            else:
+                cached_in_row += 1
+        return forced
+
+    def best_speedup(self) -> float | None:
+        """The most model evaluations per full computation this run can reach
+        with max_skip, the window and warm-up, at one evaluation per step;
+        None without a schedule."""
+        if self.plan is None or not self.plan.step_sigmas:
+            return None
+        sigmas = self.plan.step_sigmas
+        warmup = min(self.config.warmup, len(sigmas))
+        return len(sigmas) / (warmup + self.fewest_full(sigmas[warmup:], 0))
+
+    def _forced_reason(self, chunk: ChunkCache) -> str | None:
+        config = self.config
+        if not config.skipping_enabled:
+            return "never skips"
+        if not self._in_window(self.current.sigma):
+            return "outside start/end"
+        if self.full_count < config.warmup:
+            return "warm-up"
+        if self.cached_in_row >= config.max_skip:
+            return "max_skip"
+        if not self._has_history(chunk):
+            return "no history yet"
+        return None
+
     def _decide_skip(self, chunk: ChunkCache, module_input: torch.Tensor) -> bool:
         evaluation = self.current
-        config = self.config
-        if (not config.skipping_enabled or not self._in_window(evaluation.sigma)
-                or self.full_count < config.warmup or self.cached_in_row >= config.max_skip
-                or not self._has_history(chunk)):
+        evaluation.reason = self._forced_reason(chunk)
+        if evaluation.reason is not None:
             return False
         if self.scheduler.needs_forecast_error:
             forecast = chunk.first_input.forecast(evaluation.sigma)
             evaluation.forecast_error = relative_l1(module_input, forecast)
-        return not self.scheduler.wants_full(evaluation.forecast_error, self.cached_in_row)
+        full, evaluation.reason = self.scheduler.wants_full(evaluation.forecast_error, self.full_count,
+                                                             self.cached_in_row)
+        evaluation.accumulated = getattr(self.scheduler, "accumulated", None)
+        evaluation.threshold = getattr(self.scheduler, "threshold", None)
+        return not full
 
     def _has_history(self, chunk: ChunkCache) -> bool:
         # The forecast of order m needs m + 1 points at distinct sigmas: a
@@ -140,12 +198,30 @@ class RFCRun:
         chunk = self.chunks.setdefault(chunk_key, ChunkCache())
         estimator = chunk.modules.get(module_key)
         if estimator is None:
-            estimator = chunk.modules[module_key] = make_estimator(self.config.estimator, self.config.order)
+            estimator = chunk.modules[module_key] = make_estimator(self.config.estimator, self.config.order,
+                                                                  self.storage)
         estimator.update(sigma, residual, module_input)
         if module_key == self.first_module and self.scheduler.needs_forecast_error:
             if chunk.first_input is None:
-                chunk.first_input = NewtonHistory(self.config.order)
+                chunk.first_input = NewtonHistory(self.config.order, self.storage)
             chunk.first_input.push(sigma, module_input)
+
+    def relocate(self, storage: FeatureStorage) -> None:
+        """Keep every cached feature, and every later one, in `storage`."""
+        self.storage = storage
+        for chunk in self.chunks.values():
+            for estimator in chunk.modules.values():
+                estimator.relocate(storage)
+            if chunk.first_input is not None:
+                chunk.first_input.relocate(storage)
+
+    def cached_device(self) -> torch.device | None:
+        """Where the cache's features are, None while it holds none."""
+        for chunk in self.chunks.values():
+            for estimator in chunk.modules.values():
+                if estimator.history.coeffs:
+                    return estimator.history.coeffs[0].device
+        return None
 
     def cache_bytes(self) -> int:
         return sum(chunk.nbytes() for chunk in self.chunks.values())
@@ -162,10 +238,34 @@ class RFCRun:
     def computed_evaluations(self) -> int:
         return sum(1 for e in self.evaluations if e.computed)
 
-    def summary(self) -> str:
-        total = len(self.evaluations)
+    @property
+    def speedup(self) -> float:
+        """Model evaluations per full computation."""
         computed = self.computed_evaluations
-        ratio = total / computed if computed else 1.0
-        return (f"computed {computed} of {total} model evaluations ({ratio:.1f}x fewer); "
-                f"block calls computed {self.modules_computed}, predicted {self.modules_predicted}; "
-                f"cache peak {self.peak_bytes / 2**20:.1f} MiB")
+        return len(self.evaluations) / computed if computed else 1.0
+
+    def summary(self) -> str:
+        target = f", target {self.config.target_speedup:g}x" if self.config.target_speedup else ""
+        return (f"computed {self.computed_evaluations} of {len(self.evaluations)} model evaluations "
+                f"({self.speedup:.1f}x fewer{target}); block calls computed {self.modules_computed}, "
+                f"predicted {self.modules_predicted}; cache peak {format_bytes(self.peak_bytes)} "
+                f"on {self.storage.describe()}")
+
+    def step_table(self) -> str:
+        """One line per model evaluation, for the debug log."""
+        lines = ["  #  sigma      computed  error      accumulated  threshold  why"]
+        for number, e in enumerate(self.evaluations, start=1):
+            lines.append(f"{number:3d}  {e.sigma:<9.4g}  {'yes' if e.computed else 'no':<8s}  "
+                         f"{_number(e.forecast_error):<9s}  {_number(e.accumulated):<11s}  "
+                         f"{_number(e.threshold):<9s}  {e.reason}")
+        return "\n".join(lines)
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def format_bytes(count: int) -> str:
+    if count >= 2**30:
+        return f"{count / 2**30:.2f} GiB"
+    return f"{count / 2**20:.1f} MiB"

@@ -16,8 +16,8 @@ class FixedIntervalScheduler:
     def __init__(self, interval: int):
         self.interval = interval
 
-    def wants_full(self, forecast_error: float | None, cached_in_row: int) -> bool:
-        return cached_in_row + 1 >= self.interval
+    def wants_full(self, forecast_error: float | None, full_count: int, cached_in_row: int) -> tuple[bool, str]:
+        return cached_in_row + 1 >= self.interval, "interval"
 
     def on_full(self) -> None:
         pass
@@ -34,15 +34,16 @@ class RelationalScheduler:
         self.threshold = threshold
         self.accumulated = 0.0
 
-    def wants_full(self, forecast_error: float | None, cached_in_row: int) -> bool:
+    def wants_full(self, forecast_error: float | None, full_count: int, cached_in_row: int) -> tuple[bool, str]:
         self.accumulated += forecast_error
-        return self.accumulated > self.threshold
+        return self.accumulated > self.threshold, "threshold"
 
     def on_full(self) -> None:
         self.accumulated = 0.0
 
 
 def make_scheduler(config):
+    """The scheduler of a run without a speedup target (see rfc_core.budget)."""
     if config.scheduler == "rcs":
         return RelationalScheduler(config.threshold)
     return FixedIntervalScheduler(config.interval)

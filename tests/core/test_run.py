@@ -23,9 +23,9 @@ def drive(run, sigmas, inputs, modules=(FIRST, ("block", 1))):
 
 def test_rcs_triggers_exactly_when_accumulated_error_passes_threshold():
     scheduler = RelationalScheduler(threshold=0.5)
-    assert not scheduler.wants_full(0.25, 0)
-    assert not scheduler.wants_full(0.25, 1)  # 0.5 is not above 0.5
-    assert scheduler.wants_full(0.0001, 2)
+    assert scheduler.wants_full(0.25, 2, 0) == (False, "threshold")
+    assert scheduler.wants_full(0.25, 2, 1) == (False, "threshold")  # 0.5 is not above 0.5
+    assert scheduler.wants_full(0.0001, 2, 2) == (True, "threshold")
     scheduler.on_full()
     assert scheduler.accumulated == 0.0
 

@@ -176,7 +176,7 @@ class StandaloneSampler:
         from_runtime = sys.modules[f"{PACK_NAME}.nodes.runtime"]
         adapter = sys.modules[f"{PACK_NAME}.nodes.adapters"].adapter_for("flux")
         settings = from_runtime.CacheSettings(config, "flux", "blocks", adapter, ("double_block", 0), None)
-        session = from_runtime.SamplingSession(settings, self.model, None)
+        session = from_runtime.SamplingSession(settings, self.model, None, self.sigmas.tolist())
         replace = {key: from_runtime.CachedBlock(*key) for key in adapter.block_keys(self.model)}
         options = {"patches_replace": {"dit": replace}, from_runtime.SESSION_KEY: session, "cond_or_uncond": [0, 1]}
 

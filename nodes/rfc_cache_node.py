@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import types
 
-from ..rfc_core import ESTIMATORS, RANGES, SCHEDULERS, CacheConfig
+from ..rfc_core import CACHE_DEVICES, CACHE_DTYPES, ESTIMATORS, RANGES, SCHEDULERS, CacheConfig
 from .adapters import REPLACE, BlockAdapter, detect_adapter, supported_families
 from .runtime import (MODEL_MODULE, SETTINGS_KEY, WRAPPER_KEY, CacheSettings, CachedBlock, CachedForward,
                       apply_model_wrapper, calc_cond_batch_wrapper, forward_patch_key, outer_sample_wrapper,
@@ -37,6 +37,11 @@ BASIC_INPUTS = {
                                "full computation. Higher is faster. 0 never skips."),
     "max_skip": _int_widget("max_skip", DEFAULTS.max_skip,
                             "Most model evaluations in a row that may be predicted. 0 never skips."),
+    "target_speedup": _float_widget("target_speedup", DEFAULTS.target_speedup, 0.1,
+                                    "0: off, the threshold decides. Otherwise about one full computation per this "
+                                    "many model evaluations (2.5 computes 20 of 50), placed where the forecast "
+                                    "error is largest; the threshold is then ignored. Needs max_skip of at "
+                                    "least target_speedup - 1."),
     "order": _int_widget("order", DEFAULTS.order, "Taylor order of the forecasts: 0 reuse, 1 linear, 2 quadratic."),
     "start_percent": _float_widget("start_percent", DEFAULTS.start_percent, 0.01,
                                    "Skipping may start this far into sampling."),
@@ -51,6 +56,13 @@ ADVANCED_INPUTS = {
                                      "tooltip": "rcs: compute when the input forecast error adds up past the "
                                                 "threshold; fixed: compute every `interval` evaluations."}),
     "interval": _int_widget("interval", DEFAULTS.interval, "For the fixed scheduler: one full computation every N."),
+    "cache_device": (list(CACHE_DEVICES), {"default": DEFAULTS.cache_device,
+                                           "tooltip": "Where cached features are kept. auto: on the model's device "
+                                                      "unless they would take more than half its free memory; "
+                                                      "cpu: system memory, slower but frees VRAM."}),
+    "cache_dtype": (list(CACHE_DTYPES), {"default": DEFAULTS.cache_dtype,
+                                         "tooltip": "dtype of cached features. auto: the model's; float16 or "
+                                                    "bfloat16 halve a float32 model's cache."}),
     "granularity": (list(GRANULARITIES), {"default": "auto",
                                           "tooltip": "What is cached. auto: each transformer block where the model "
                                                      "family is supported, else the whole model call. model: "

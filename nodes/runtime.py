@@ -36,6 +36,8 @@ from contextvars import ContextVar
 import torch
 
 from ..rfc_core import CacheConfig, RFCRun
+from ..rfc_core.run import format_bytes
+from ..rfc_core.storage import FeatureStorage, should_offload, storage_for
 from .adapters import REPLACE, BlockAdapter
 from .adapters.base import chunk_identity, pack, unpack
 
@@ -89,11 +91,13 @@ def _skip_window(model_patcher, config: CacheConfig):
 class SamplingSession:
     """One sampling run of one patched model."""
 
-    def __init__(self, settings: CacheSettings, diffusion_model, skip_window):
+    def __init__(self, settings: CacheSettings, diffusion_model, skip_window, schedule=None):
         self.settings = settings
         self.adapter = settings.adapter
         self.diffusion_model = diffusion_model
-        self.run = RFCRun(settings.config, settings.first_module, skip_window)
+        config = settings.config
+        self.run = RFCRun(config, settings.first_module, skip_window, schedule,
+                          storage_for(config.cache_device, config.cache_dtype))
         # Streams each module actually returned (SD3's last block returns no
         # text stream); only those are cached and predicted.
         self.returned_streams: dict = {}
@@ -113,8 +117,22 @@ class SamplingSession:
         return not self.failed and self.settings.granularity == "blocks"
 
     def start_evaluation(self, sigma: float) -> None:
-        if not self.failed:
-            self.run.start_evaluation(sigma)
+        if self.failed:
+            return
+        if len(self.run.evaluations) == 1 and self.settings.config.cache_device == "auto":
+            self._offload_if_needed()
+        self.run.start_evaluation(sigma)
+
+    def _offload_if_needed(self) -> None:
+        """cache_device auto, after the first evaluation: the cache holds one
+        point per module now and order + 1 once warmed up. If that would
+        crowd the device, keep it in system memory from here on."""
+        device = self.run.cached_device()
+        projected = self.run.cache_bytes() * (self.settings.config.order + 1)
+        if device is not None and should_offload(projected, device):
+            logger.info("RFC: the cache would take about %s, more than half the free memory of %s; keeping it in "
+                        "system memory (cache_device auto)", format_bytes(projected), device)
+            self.run.relocate(FeatureStorage("cpu", self.run.storage.dtype))
 
     def fail(self, where: str) -> None:
         """Caching broke: compute everything for the rest of the run, say so once."""
@@ -233,13 +251,15 @@ class SamplingSession:
         if self.failed:
             summary += " (caching failed part-way; the rest was computed in full)"
         logger.info("%s", summary)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("RFC: each model evaluation of this run:\n%s", self.run.step_table())
         if self.unseen_blocks and self.run.evaluations and not self.failed:
             nothing_skipped = ("; nothing could be skipped, the first block is among them"
                                if self.settings.first_module in self.unseen_blocks else "")
             logger.warning("RFC: a node applied after RFC Cache replaced the forward of %d block(s) without "
                            "calling RFC's (%s): they were computed every time%s. Apply that node before RFC Cache.",
                            len(self.unseen_blocks), ", ".join(self.unseen_blocks.values()), nothing_skipped)
-        _send_summary(self.settings.node_id, summary)
+        _send_summary(self.settings.node_id, summary, self.run)
         return summary
 
 
@@ -248,15 +268,29 @@ def _select_streams(packed: torch.Tensor, inputs: list[torch.Tensor], names, kee
     return torch.cat([part for name, part in zip(names, parts) if name in keep], dim=1)
 
 
-def _send_summary(node_id: str | None, summary: str) -> None:
-    """Show the summary on the node when a browser is listening; without a
+def summary_message(node_id: str, summary: str, run: RFCRun) -> dict:
+    """What the front-end draws: one entry per model evaluation."""
+    return {
+        "node": node_id,
+        "summary": summary,
+        "computed": run.computed_evaluations,
+        "total": len(run.evaluations),
+        "target_speedup": run.config.target_speedup,
+        "peak_bytes": run.peak_bytes,
+        "evaluations": [{"sigma": e.sigma, "computed": e.computed, "accumulated": e.accumulated,
+                         "threshold": e.threshold, "reason": e.reason} for e in run.evaluations],
+    }
+
+
+def _send_summary(node_id: str | None, summary: str, run: RFCRun) -> None:
+    """Show the run on the node when a browser is listening; without a
     server (headless use, tests) there is nobody to tell."""
     server_module = sys.modules.get("server")
     prompt_server = getattr(getattr(server_module, "PromptServer", None), "instance", None)
     if node_id is None or prompt_server is None:
         return
     try:
-        prompt_server.send_sync(SUMMARY_EVENT, {"node": node_id, "summary": summary})
+        prompt_server.send_sync(SUMMARY_EVENT, summary_message(node_id, summary, run))
     except Exception:
         logger.debug("RFC: could not send the summary to the front-end", exc_info=True)
 
@@ -402,10 +436,21 @@ def _forwards_replaced_later(model_patcher, settings: CacheSettings, diffusion_m
     return replaced
 
 
-def _start_session(guider, settings: CacheSettings) -> tuple[SamplingSession, dict]:
+def _warn_unreachable_target(run: RFCRun) -> None:
+    target = run.config.target_speedup
+    best = run.best_speedup()
+    if target and best is not None and best < target / 1.1:
+        logger.warning("RFC: target_speedup %g cannot be reached in %d steps: max_skip %d, the start/end window and "
+                       "%d warm-up computations allow at most %.2fx", target, len(run.plan.step_sigmas),
+                       run.config.max_skip, run.config.warmup, best)
+
+
+def _start_session(guider, settings: CacheSettings, sigmas) -> tuple[SamplingSession, dict]:
     model_patcher = guider.model_patcher
     diffusion_model = model_patcher.model.diffusion_model
-    session = SamplingSession(settings, diffusion_model, _skip_window(model_patcher, settings.config))
+    schedule = None if sigmas is None else [float(s) for s in sigmas.flatten()]
+    session = SamplingSession(settings, diffusion_model, _skip_window(model_patcher, settings.config), schedule)
+    _warn_unreachable_target(session.run)
     run_options = _copy_nested(guider.model_options)
     run_options.setdefault("transformer_options", {})[SESSION_KEY] = session
     if settings.granularity == "blocks":
@@ -423,10 +468,12 @@ def outer_sample_wrapper(executor, *args, **kwargs):
         return executor(*args, **kwargs)
     refuse_other_cache(transformer_options)
     if not settings.config.skipping_enabled:
-        logger.info("RFC: threshold, max_skip or interval is set to never skip; every evaluation is computed")
+        logger.info("RFC: threshold, target_speedup, max_skip or interval is set to never skip; every evaluation is computed")
         return executor(*args, **kwargs)
+    # outer_sample(noise, latent_image, sampler, sigmas, ...)
+    sigmas = kwargs.get("sigmas", args[3] if len(args) > 3 else None)
     try:
-        session, run_options = _start_session(guider, settings)
+        session, run_options = _start_session(guider, settings, sigmas)
     except Exception:
         logger.exception("RFC: could not start caching; this run is computed in full")
         return executor(*args, **kwargs)

@@ -37,16 +37,31 @@ BASIC_INPUTS = {
                                "full computation. Higher is faster. 0 never skips."),
     "max_skip": _int_widget("max_skip", DEFAULTS.max_skip,
                             "Most model evaluations in a row that may be predicted. 0 never skips."),
-    "target_speedup": _float_widget("target_speedup", DEFAULTS.target_speedup, 0.1,
-                                    "0: off, the threshold decides. Otherwise about one full computation per this "
-                                    "many model evaluations (2.5 computes 20 of 50), placed where the forecast "
-                                    "error is largest; the threshold is then ignored. Needs max_skip of at "
-                                    "least target_speedup - 1."),
     "order": _int_widget("order", DEFAULTS.order, "Taylor order of the forecasts: 0 reuse, 1 linear, 2 quadratic."),
     "start_percent": _float_widget("start_percent", DEFAULTS.start_percent, 0.01,
                                    "Skipping may start this far into sampling."),
     "end_percent": _float_widget("end_percent", DEFAULTS.end_percent, 0.01,
                                  "Skipping stops this far into sampling."),
+}
+
+# Widgets added after the first release come last, so that the positional
+# widget values of saved workflows still land on the widgets they were for.
+TARGET_INPUTS = {
+    "target_speedup": _float_widget("target_speedup", DEFAULTS.target_speedup, 0.1,
+                                    "0: off, the threshold decides. Otherwise about one full computation per this "
+                                    "many model evaluations (2.5 computes 20 of 50), placed where the forecast "
+                                    "error is largest; the threshold is then ignored. Needs max_skip of at "
+                                    "least target_speedup - 1."),
+}
+
+MEMORY_INPUTS = {
+    "cache_device": (list(CACHE_DEVICES), {"default": DEFAULTS.cache_device,
+                                           "tooltip": "Where cached features are kept. auto: on the model's device "
+                                                      "unless they would take more than half its free memory; "
+                                                      "cpu: system memory, slower but frees VRAM."}),
+    "cache_dtype": (list(CACHE_DTYPES), {"default": DEFAULTS.cache_dtype,
+                                         "tooltip": "dtype of cached features. auto: the model's; float16 or "
+                                                    "bfloat16 halve a float32 model's cache."}),
 }
 
 ADVANCED_INPUTS = {
@@ -56,13 +71,6 @@ ADVANCED_INPUTS = {
                                      "tooltip": "rcs: compute when the input forecast error adds up past the "
                                                 "threshold; fixed: compute every `interval` evaluations."}),
     "interval": _int_widget("interval", DEFAULTS.interval, "For the fixed scheduler: one full computation every N."),
-    "cache_device": (list(CACHE_DEVICES), {"default": DEFAULTS.cache_device,
-                                           "tooltip": "Where cached features are kept. auto: on the model's device "
-                                                      "unless they would take more than half its free memory; "
-                                                      "cpu: system memory, slower but frees VRAM."}),
-    "cache_dtype": (list(CACHE_DTYPES), {"default": DEFAULTS.cache_dtype,
-                                         "tooltip": "dtype of cached features. auto: the model's; float16 or "
-                                                    "bfloat16 halve a float32 model's cache."}),
     "granularity": (list(GRANULARITIES), {"default": "auto",
                                           "tooltip": "What is cached. auto: each transformer block where the model "
                                                      "family is supported, else the whole model call. model: "
@@ -153,7 +161,7 @@ class RFCCache:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": dict(BASIC_INPUTS), "hidden": {"unique_id": "UNIQUE_ID"}}
+        return {"required": {**BASIC_INPUTS, **TARGET_INPUTS}, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def apply(self, model, unique_id=None, granularity="auto", **widgets):
         return (apply_rfc_cache(model, CacheConfig(**widgets), unique_id, granularity),)
@@ -165,7 +173,8 @@ class RFCCacheAdvanced(RFCCache):
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {**BASIC_INPUTS, **ADVANCED_INPUTS}, "hidden": {"unique_id": "UNIQUE_ID"}}
+        return {"required": {**BASIC_INPUTS, **ADVANCED_INPUTS, **TARGET_INPUTS, **MEMORY_INPUTS},
+                "hidden": {"unique_id": "UNIQUE_ID"}}
 
 
 NODE_CLASS_MAPPINGS = {"RFCCache": RFCCache, "RFCCacheAdvanced": RFCCacheAdvanced}

@@ -1,0 +1,146 @@
+"""The front-end, for real: a ComfyUI server on localhost with the pack, an
+RFC workflow queued through ComfyUI's own front-end in headless Chromium,
+and the strip the pack's extension draws on the RFC Cache node checked
+against the run. RFC_SCREENSHOT=path keeps a screenshot of it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+STEPS = 20
+TARGET = 2.5
+# Without these Chromium keeps calling out to Google's hosts, which this
+# machine's closed network refuses.
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def _requirements() -> str | None:
+    if not Path(CHROMIUM).exists():
+        return "browser test: no Chromium (apt-get install chromium)"
+    for module, package in (("playwright", "playwright"), ("comfyui_frontend_package", "comfyui-frontend-package")):
+        try:
+            __import__(module)
+        except ImportError:
+            return f"browser test: pip install {package}"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_requirements() is not None, reason=_requirements() or "")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = tmp_path_factory.mktemp("comfyui_base")
+    custom_nodes = base / "custom_nodes"
+    custom_nodes.mkdir()
+    (custom_nodes / "ComfyUI-RFC").symlink_to(REPO_ROOT, target_is_directory=True)
+    (custom_nodes / "rfc_browser_fixture").symlink_to(REPO_ROOT / "tests" / "host" / "browser_fixture",
+                                                      target_is_directory=True)
+    port = _free_port()
+    log_path = base / "server.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory",
+             str(base), "--disable-auto-launch"], cwd=os.environ["COMFYUI_PATH"], stdout=log,
+            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/object_info/RFCTestTinyFluxLoader", timeout=5) as reply:
+                    if "RFCTestTinyFluxLoader" in reply.read().decode():
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"ComfyUI did not start:\n{log_path.read_text()[-3000:]}")
+            time.sleep(1)
+        yield url, log_path
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def _workflow() -> dict:
+    def node(id_, type_, pos, widgets, inputs=(), outputs=()):
+        return {"id": id_, "type": type_, "pos": pos, "size": [300, 120], "flags": {}, "order": id_ - 1, "mode": 0,
+                "inputs": [{"name": n, "type": t, "link": link} for n, t, link in inputs],
+                "outputs": [{"name": n, "type": t, "links": links, "slot_index": i}
+                            for i, (n, t, links) in enumerate(outputs)],
+                "properties": {"Node name for S&R": type_}, "widgets_values": widgets}
+
+    nodes = [
+        node(1, "RFCTestTinyFluxLoader", [20, 40], [], outputs=[("MODEL", "MODEL", [1])]),
+        node(2, "RFCTestTinyFluxPrompt", [20, 260], [3], outputs=[("positive", "CONDITIONING", [3]),
+                                                                   ("negative", "CONDITIONING", [4]),
+                                                                   ("latent", "LATENT", [5])]),
+        node(3, "RFCCache", [360, 40], [0.1, 3, 1, 0.0, 1.0, TARGET], inputs=[("model", "MODEL", 1)],
+             outputs=[("MODEL", "MODEL", [2])]),
+        node(4, "KSampler", [720, 40], [0, "fixed", STEPS, 3.0, "euler", "simple", 1.0],
+             inputs=[("model", "MODEL", 2), ("positive", "CONDITIONING", 3), ("negative", "CONDITIONING", 4),
+                     ("latent_image", "LATENT", 5)], outputs=[("LATENT", "LATENT", [6])]),
+        node(5, "SaveLatent", [1060, 40], ["latents/rfc_browser_test"], inputs=[("samples", "LATENT", 6)]),
+    ]
+    links = [[1, 1, 0, 3, 0, "MODEL"], [2, 3, 0, 4, 0, "MODEL"], [3, 2, 0, 4, 1, "CONDITIONING"],
+             [4, 2, 1, 4, 2, "CONDITIONING"], [5, 2, 2, 4, 3, "LATENT"], [6, 4, 0, 5, 0, "LATENT"]]
+    return {"last_node_id": 5, "last_link_id": 6, "nodes": nodes, "links": links, "groups": [], "config": {},
+            "extra": {}, "version": 0.4}
+
+
+def test_the_rfc_node_shows_the_run_it_drove(server, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    url, log_path = server
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS,
+                                             headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 700})
+            page.goto(url)
+            # The graph exists before the node definitions arrive; a workflow
+            # loaded earlier has only unknown nodes and queues nothing.
+            page.wait_for_function("() => window.app?.graph && ['RFCCache', 'SaveLatent', 'RFCTestTinyFluxLoader']"
+                                   ".every((type) => window.LiteGraph?.registered_node_types?.[type])",
+                                   timeout=120_000)
+            page.evaluate("async (workflow) => { await window.app.loadGraphData(workflow); }", _workflow())
+            page.keyboard.press("Escape")
+            page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
+            page.wait_for_selector("svg.rfc-strip rect", timeout=300_000)
+            cells = page.locator("svg.rfc-strip rect").count()
+            computed = page.locator("svg.rfc-strip rect.rfc-computed").count()
+            summary = page.locator(".rfc-summary").inner_text()
+            line_points = page.locator("svg.rfc-strip polyline.rfc-line").get_attribute("points")
+            screenshot = Path(os.environ.get("RFC_SCREENSHOT", tmp_path / "rfc_strip.png"))
+            page.evaluate("() => { const c = window.app.canvas; c.ds.scale = 1.25; c.ds.offset = [10, 10]; "
+                          "c.setDirty(true, true); }")
+            page.wait_for_timeout(500)
+            page.screenshot(path=str(screenshot))
+        finally:
+            browser.close()
+    server_log = log_path.read_text()
+    assert cells == STEPS
+    assert computed == round(STEPS / TARGET)
+    assert summary.startswith(f"{computed} of {STEPS} computed, {STEPS / computed:.1f}x fewer (target {TARGET}x), "
+                              f"cache ")
+    assert len(line_points.split()) == STEPS
+    # The server's own account of the run says the same.
+    assert f"computed {computed} of {STEPS} model evaluations" in server_log, server_log[-3000:]

@@ -18,7 +18,7 @@ from family_harness import FORCED, pack_module, rfc
 from test_hard_reuse import SPECS, Family
 
 STEPS = 6
-REPEATS = 10
+REPEATS = 20
 
 
 def tensors_held_by(session) -> list[torch.Tensor]:

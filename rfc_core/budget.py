@@ -18,11 +18,13 @@ computation, passes a threshold. The threshold is estimated online:
   would leave too little for the computations max_skip and the start/end
   window will force later.
 
-Chosen on the bundled benchmark model (benchmarks/target_speedup.py): pacing
-the threshold by the remaining budget instead of S makes it fall late in the
-run and spends the budget late, 2 to 5 dB worse; q = order + 1 or a threshold
-set below r_mean * G(S - 1/2) spends it early, and a run that runs out of
-budget before its last steps loses 10 dB or more.
+Chosen on the bundled benchmark model (benchmarks/target_speedup.py; its
+table is in the README): pacing the threshold by remaining evaluations per
+remaining full computation instead of S made it fall through the run and
+spend the budget late, 1 to 5 dB below the best hand-set threshold; a
+constant threshold at half the best hand-set one ran out of budget before
+the last steps and lost 8 to 16 dB; q = order + 1 and order + 2 were within
+noise of each other.
 
 The number of evaluations comes from the sigma schedule and the evaluations
 seen so far per step (Heun-type samplers make two per step).

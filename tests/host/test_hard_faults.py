@@ -134,6 +134,8 @@ def test_every_widget_out_of_range_is_refused_naming_it_and_its_range(comfy, flu
                 continue
             if widget == "end_percent" and bound == low:
                 continue
+            if widget == "target_speedup":
+                accepted["max_skip"] = 50  # a target of S needs max_skip of at least S - 1
             node_apply(nodes, flux_model, accepted, advanced)
 
 

@@ -36,6 +36,8 @@ def test_workflow_uses_only_existing_node_types_and_valid_widgets(comfy, workflo
     for node in rfc_nodes:
         node_class = nodes.NODE_CLASS_MAPPINGS[node["type"]]
         widget_names = [name for name in node_class.INPUT_TYPES()["required"] if name != "model"]
+        # Positional: widgets of the first release keep their places.
+        assert widget_names[:5] == ["threshold", "max_skip", "order", "start_percent", "end_percent"]
         assert len(widget_names) == len(node["widgets_values"])
         config_module = __import__(node_class.__module__, fromlist=["CacheConfig"])
         widgets = dict(zip(widget_names, node["widgets_values"]))

@@ -34,6 +34,8 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+from .schedulers import RelationalScheduler
+
 # Relative tolerance for matching an evaluation's sigma to a schedule step.
 _STEP_RTOL = 1e-4
 
@@ -46,16 +48,25 @@ class EvaluationPlan:
         self.step_sigmas = [float(s) for s in sigmas][:-1]
         self.evaluations = 0
         self.steps_reached = 0
+        self._future: list[float] = []
 
     def observe(self, sigma: float) -> None:
         self.evaluations += 1
         while (self.steps_reached < len(self.step_sigmas)
                and self.step_sigmas[self.steps_reached] >= sigma * (1.0 - _STEP_RTOL)):
             self.steps_reached += 1
+        self._future = self._project()
 
     def future(self) -> list[float]:
         """The sigmas of the evaluations after the current one, as many per
         step as the run has made per step so far."""
+        return self._future
+
+    @property
+    def total(self) -> int:
+        return self.evaluations + len(self._future)
+
+    def _project(self) -> list[float]:
         per_step = self.evaluations / max(self.steps_reached, 1)
         sigmas, made = [], 0.0
         for count, sigma in enumerate(self.step_sigmas[self.steps_reached:], start=1):
@@ -63,10 +74,6 @@ class EvaluationPlan:
             sigmas += [sigma] * int(due - made)
             made = due
         return sigmas
-
-    @property
-    def total(self) -> int:
-        return self.evaluations + len(self.future())
 
 
 def growth(k: int, exponent: int) -> float:
@@ -81,23 +88,19 @@ def interpolated_growth(length: float, exponent: int) -> float:
     return (1.0 - fraction) * growth(low, exponent) + fraction * growth(low + 1, exponent)
 
 
-class SpeedupScheduler:
+class SpeedupScheduler(RelationalScheduler):
     """RCS whose threshold is set online to end the run at its budget."""
-
-    name = "rcs"
-    needs_forecast_error = True
 
     def __init__(self, target_speedup: float, order: int, plan: EvaluationPlan,
                  fewest_full: Callable[[list[float], int], int], warmup: int):
         """fewest_full(sigmas, cached_in_row): full computations the run
         cannot avoid over those evaluations (max_skip, the window)."""
+        super().__init__(threshold=None)
         self.target_speedup = target_speedup
         self.exponent = order + 2
         self.plan = plan
         self.fewest_full = fewest_full
         self.warmup = warmup
-        self.accumulated = 0.0
-        self.threshold: float | None = None
         self._root_rate_sum = 0.0
         self._rate_count = 0
 
@@ -125,6 +128,3 @@ class SpeedupScheduler:
         mean_rate = (self._root_rate_sum / self._rate_count) ** (self.exponent + 1)
         self.threshold = mean_rate * interpolated_growth(self.target_speedup - 0.5, self.exponent)
         return self.accumulated > self.threshold, "threshold"
-
-    def on_full(self) -> None:
-        self.accumulated = 0.0

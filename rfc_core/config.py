@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 from .estimators import ESTIMATORS
+from .storage import DTYPES
 
 SCHEDULERS = ("rcs", "fixed")
 # auto: on the model's device unless the cache would take more than a share
@@ -13,7 +14,7 @@ SCHEDULERS = ("rcs", "fixed")
 # device; cpu: always in system memory.
 CACHE_DEVICES = ("auto", "model", "cpu")
 # auto: the dtype the model computed the feature in.
-CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+CACHE_DTYPES = ("auto", *DTYPES)
 
 # (low, high) inclusive, per widget; the node definitions read the same table.
 RANGES = {
@@ -31,9 +32,6 @@ def check_range(widget: str, value) -> None:
     low, high = RANGES[widget]
     if not (low <= value <= high):
         raise ValueError(f"RFC Cache: '{widget}' must be between {low} and {high}, got {value}")
-    if widget == "target_speedup" and 0.0 < value < 1.0:
-        raise ValueError(f"RFC Cache: 'target_speedup' must be 0 (off: the threshold rules) or between 1 and "
-                         f"{high}, got {value}")
 
 
 @dataclass(frozen=True)
@@ -77,6 +75,9 @@ class CacheConfig:
         for widget, allowed in (("cache_device", CACHE_DEVICES), ("cache_dtype", CACHE_DTYPES)):
             if getattr(self, widget) not in allowed:
                 raise ValueError(f"RFC Cache: '{widget}' must be one of {list(allowed)}, got {getattr(self, widget)!r}")
+        if 0.0 < self.target_speedup < 1.0:
+            raise ValueError(f"RFC Cache: 'target_speedup' must be 0 (off: the threshold rules) or between 1 and "
+                             f"{RANGES['target_speedup'][1]}, got {self.target_speedup}")
         if self.target_speedup and self.scheduler != "rcs":
             raise ValueError("RFC Cache: 'target_speedup' works with the rcs scheduler only; set it to 0 to use "
                              "the fixed scheduler's interval")

@@ -58,16 +58,18 @@ class RFCRun:
                  storage: FeatureStorage | None = None):
         """skip_window: (highest, lowest) sigma; evaluations with
         lowest < sigma <= highest may be skipped. None allows every sigma.
-        schedule: the run's sigmas, the last one where sampling ends; needed
-        for a speedup target. storage: where cached features are kept."""
+        schedule: the run's sigmas, the last one where sampling ends; read
+        only with a speedup target, which needs it. storage: where cached features are kept."""
         self.config = config
         self.first_module = first_module
         self.skip_window = skip_window
         self.storage = storage or FeatureStorage()
-        self.plan = EvaluationPlan(schedule) if schedule is not None else None
+        # Only a speedup target needs to know the evaluations still to come.
+        self.plan: EvaluationPlan | None = None
         if config.target_speedup:
-            if self.plan is None:
+            if schedule is None:
                 raise ValueError("a speedup target needs the run's sigma schedule")
+            self.plan = EvaluationPlan(schedule)
             self.scheduler = SpeedupScheduler(config.target_speedup, config.order, self.plan, self.fewest_full,
                                               config.warmup)
         else:
@@ -113,7 +115,7 @@ class RFCRun:
     def best_speedup(self) -> float | None:
         """The most model evaluations per full computation this run can reach
         with max_skip, the window and warm-up, at one evaluation per step;
-        None without a schedule."""
+        None without a speedup target."""
         if self.plan is None or not self.plan.step_sigmas:
             return None
         sigmas = self.plan.step_sigmas

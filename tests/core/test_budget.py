@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from rfc_core import CacheConfig, RFCRun
-from rfc_core.budget import EvaluationPlan
+from rfc_core.budget import EvaluationPlan, SpeedupScheduler, interpolated_growth
 
 FIRST = ("block", 0)
 
@@ -57,6 +57,25 @@ def test_full_computations_go_where_the_accumulated_error_is_largest():
     computed_errors = [e.accumulated for e in decided if e.computed]
     skipped_errors = [e.accumulated for e in decided if not e.computed]
     assert sum(computed_errors) / len(computed_errors) > 2 * sum(skipped_errors) / len(skipped_errors)
+
+
+@pytest.mark.parametrize("full_count, spacing", [
+    # 10 evaluations and 3 full computations left: on budget, S - 1/2 sets the threshold.
+    (7, 2.5),
+    # 10 evaluations and 6 left: behind budget, the threshold paces the
+    # surplus over the rest of the run rather than leaving it to the end.
+    (4, 10 / 6),
+])
+def test_the_threshold_follows_the_budget_left_once_the_run_falls_behind(full_count, spacing):
+    sigmas = flow_sigmas(30)
+    plan = EvaluationPlan(sigmas)
+    for sigma in sigmas[:21]:
+        plan.observe(sigma)
+    scheduler = SpeedupScheduler(3.0, order=1, plan=plan, fewest_full=lambda future, cached: 0, warmup=2)
+    assert scheduler.budget == 10 and len(plan.future()) == 9
+    scheduler.wants_full(0.5, full_count, cached_in_row=0)
+    # One decision one evaluation after a full computation: the mean rate is its error.
+    assert scheduler.threshold == pytest.approx(0.5 * interpolated_growth(spacing, scheduler.exponent))
 
 
 def test_a_sampler_with_two_evaluations_per_step_gets_its_budget_from_both():

@@ -7,8 +7,8 @@ against the target, and PSNR against full compute next to the best hand-set
 threshold that made the same number of full computations and the range of
 all those that did. The last line sums up the comparison over the table.
 
-    python -m benchmarks.target_speedup        # about 6 minutes on 2 CPU cores
-    python -m benchmarks.target_speedup --steps 20 25 30 40 50 --max-skip 3 5 --targets 2 2.5 3 3.5 4 5
+    python -m benchmarks.target_speedup        # about 10 minutes on 2 CPU cores
+    python -m benchmarks.target_speedup --steps 20 30 50 --max-skip 5 --targets 2 2.5 3 3.5 4 5
 """
 
 from __future__ import annotations

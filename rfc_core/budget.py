@@ -24,13 +24,14 @@ computation, passes a threshold. The threshold is estimated online:
 
 Chosen on the bundled benchmark model (benchmarks/target_speedup.py; its
 table is in the README), against the best of 48 hand-set thresholds at the
-same number of full computations over 28 settings (20 to 50 steps, max_skip
+same number of full computations over 26 settings (20 to 50 steps, max_skip
 3 and 5): without the pacing the run spent its leftover budget on the last
-evaluations in a row and averaged +0.3 dB; with it +0.8 dB (pacing offsets
-from -1/2 to +1/4 gave +0.6 to +0.8). Pacing alone, with no S - 1/2 cap,
-spent the budget late and lost 1 to 5 dB; a threshold solved from a
-previous run's error profile, or half the best hand-set one, did worse; q
-from order + 0 to order + 2 were within noise of each other.
+evaluations in a row and averaged +0.4 dB; with it +0.9 dB (pacing offsets
+from -1/2 to +1/4 gave +0.6 to +0.8 over the same settings plus two beyond
+reach). Pacing alone, with no S - 1/2 cap, spent the budget late and lost 1
+to 5 dB; a threshold solved from a previous run's error profile, or half the
+best hand-set one, did worse; q = order and an exponent fitted online did
+no better than q = order + 2.
 
 The number of evaluations comes from the sigma schedule and the evaluations
 seen so far per step (Heun-type samplers make two per step).

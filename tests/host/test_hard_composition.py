@@ -245,16 +245,21 @@ def with_forward_patches(family, indices, patches: list, wrap_current: bool = Tr
     return apply
 
 
-def test_forward_patch_applied_before_rfc_is_chained(family):
+def every_block_forward_patched(family, order: str):
+    """Every block forward-patched and stacked with RFC in `order`: the
+    patches alone, with RFC at threshold 0, and with RFC forced to skip."""
     forward_family(family)
     every_block = range(len(family.block_keys))
     alone, alone_calls = family.run(with_forward_patches(family, every_block, [])(family.model))
-    unchanged, _ = family.run(stacked(family, "other-then-rfc", with_forward_patches(family, every_block, []),
-                                      THRESHOLD_ZERO))
-    assert torch.equal(unchanged, alone)
+    unchanged, _ = family.run(stacked(family, order, with_forward_patches(family, every_block, []), THRESHOLD_ZERO))
     patches = []
-    latent, calls = family.run(stacked(family, "other-then-rfc", with_forward_patches(family, every_block, patches),
-                                       FORCED))
+    latent, calls = family.run(stacked(family, order, with_forward_patches(family, every_block, patches), FORCED))
+    return alone, alone_calls, unchanged, latent, calls, patches
+
+
+def test_forward_patch_applied_before_rfc_is_chained(family):
+    alone, alone_calls, unchanged, latent, calls, patches = every_block_forward_patched(family, "other-then-rfc")
+    assert torch.equal(unchanged, alone)
     assert calls == alone_calls // STEPS * FORCED_COMPUTED
     assert [p.calls for p in patches] == [FORCED_COMPUTED] * len(patches)
     assert torch.isfinite(latent).all() and relative(latent, alone) < 1.0
@@ -263,16 +268,9 @@ def test_forward_patch_applied_before_rfc_is_chained(family):
 def test_forward_patch_applied_after_rfc_that_wraps_it_keeps_the_cache(family, caplog):
     """A later forward patch that wraps the forward it finds (RFC's) keeps
     every block cached; it runs on every evaluation, around the cache."""
-    forward_family(family)
-    every_block = range(len(family.block_keys))
-    alone, alone_calls = family.run(with_forward_patches(family, every_block, [])(family.model))
     caplog.set_level(logging.WARNING, logger="ComfyUI-RFC")
-    unchanged, _ = family.run(stacked(family, "rfc-then-other", with_forward_patches(family, every_block, []),
-                                      THRESHOLD_ZERO))
+    alone, alone_calls, unchanged, latent, calls, patches = every_block_forward_patched(family, "rfc-then-other")
     assert torch.equal(unchanged, alone)
-    patches = []
-    latent, calls = family.run(stacked(family, "rfc-then-other", with_forward_patches(family, every_block, patches),
-                                       FORCED))
     assert calls == alone_calls // STEPS * FORCED_COMPUTED
     assert [p.calls for p in patches] == [STEPS] * len(patches)
     assert torch.isfinite(latent).all() and relative(latent, alone) < 1.0

@@ -7,7 +7,9 @@ Used by the benchmark (with COMFYUI_PATH) and by the host tests.
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
+import importlib
 import json
 import sys
 import tempfile
@@ -65,6 +67,57 @@ class BlockCounter:
             handle.remove()
 
 
+# Fields ComfyUI added to a family's params dataclass after the family first
+# shipped, each with the value that builds the model as it was before the
+# field existed. Tiny test models name only the fields they need; the rest
+# is read from the dataclass of the ComfyUI at hand, so a new required field
+# fails here, by name, instead of deep inside a model constructor.
+NEUTRAL_PARAMS = {
+    "txt_ids_dims": [],  # FLUX.1 and Chroma: text ids stay zero
+    "vec_in_dim": None,  # Chroma: no pooled vector (it never had one)
+    "use_cond_type_embedding": False,  # HunyuanVideo: 1.0 and HunyuanImage 2.1 have none
+    "vision_in_dim": None,
+    "meanflow_sum": False,
+}
+
+# unet_config["image_model"] -> the dataclass its diffusion model reads its params from.
+PARAMS_DATACLASSES = {
+    "flux": ("comfy.ldm.flux.model", "FluxParams"),
+    "flux2": ("comfy.ldm.flux.model", "FluxParams"),
+    "chroma": ("comfy.ldm.chroma.model", "ChromaParams"),
+    "hunyuan_video": ("comfy.ldm.hunyuan_video.model", "HunyuanVideoParams"),
+}
+
+
+def complete_params(unet_config: dict) -> dict:
+    """`unet_config` with every required field of its family's params
+    dataclass that it leaves out filled with the neutral value."""
+    completed = dict(unet_config)
+    location = PARAMS_DATACLASSES.get(unet_config.get("image_model"))
+    if location is None:
+        return completed
+    module_name, class_name = location
+    params = getattr(importlib.import_module(module_name), class_name)
+    for field in dataclasses.fields(params):
+        required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+        if not required or field.name in completed:
+            continue
+        if field.name not in NEUTRAL_PARAMS:
+            raise RuntimeError(f"this ComfyUI's {class_name} has a required field {field.name!r} the tiny models "
+                               f"do not know; add its neutral value to NEUTRAL_PARAMS in benchmarks/host.py")
+        completed[field.name] = copy.deepcopy(NEUTRAL_PARAMS[field.name])
+    return completed
+
+
+def load_as_checkpoint(model, state_dict: dict) -> None:
+    """Load diffusion model weights through the model config's own key
+    conversion, as ComfyUI loads a checkpoint (Flux's QK-norm `.scale` keys
+    are `.weight` parameters in newer ComfyUI), but strictly: a key the
+    model does not take fails here instead of being logged and dropped."""
+    converted = model.model_config.process_unet_state_dict(dict(state_dict))
+    model.diffusion_model.load_state_dict(converted, strict=True)
+
+
 def comfy_flux_from_bundled(path: Path = BUNDLED_WEIGHTS):
     """The bundled weights in ComfyUI's own Flux class, as a ModelPatcher."""
     import comfy.model_management
@@ -72,13 +125,12 @@ def comfy_flux_from_bundled(path: Path = BUNDLED_WEIGHTS):
     import comfy.supported_models
     from safetensors.torch import load_file
 
-    unet_config = {"image_model": "flux", **json.loads(bundled_metadata(path)["flux_config"])}
+    unet_config = complete_params({"image_model": "flux", **json.loads(bundled_metadata(path)["flux_config"])})
     model_config = comfy.supported_models.Flux(unet_config)
     model_config.set_inference_dtype(torch.float32, None)
     model = model_config.get_model({})
-    state = {k: v.float() for k, v in load_file(str(path)).items()
-             if k not in (LABEL_TOKENS_KEY, LABEL_POOLED_KEY)}
-    model.diffusion_model.load_state_dict(state)
+    load_as_checkpoint(model, {k: v.float() for k, v in load_file(str(path)).items()
+                               if k not in (LABEL_TOKENS_KEY, LABEL_POOLED_KEY)})
     device = comfy.model_management.get_torch_device()
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
 

@@ -17,7 +17,7 @@ import torch
 from benchmarks.host import BlockCounter
 from family_harness import FORCED, sample_spec
 from test_hard_faults import FLUX_SPEC, FORCED_COMPUTED, SPECS, STEPS, family_of, records
-from tiny_models import FLUX_CONFIG, build, counted
+from tiny_models import FLUX_CONFIG, build, complete_params, counted
 
 THRESHOLD_ZERO = {**FORCED, "threshold": 0.0}
 ORDERS = ("other-then-rfc", "rfc-then-other")
@@ -316,7 +316,7 @@ def tiny_flux_controlnet(seed: int = 5):
 
     control_model = comfy.ldm.flux.controlnet.ControlNetFlux(
         latent_input=True, control_latent_channels=FLUX_CONFIG["in_channels"], operations=comfy.ops.disable_weight_init,
-        dtype=torch.float32, device="cpu", **FLUX_CONFIG)
+        dtype=torch.float32, device="cpu", **complete_params(FLUX_CONFIG))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for parameter in control_model.parameters():

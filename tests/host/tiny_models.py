@@ -6,6 +6,13 @@ from __future__ import annotations
 import torch
 
 from benchmarks.host import BlockCounter as HookCounter
+from benchmarks.host import complete_params
+
+
+def comfyui_version() -> str:
+    import comfyui_version as version_module
+
+    return f"ComfyUI {version_module.__version__}"
 
 FLUX_CONFIG = {
     "image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 32, "context_in_dim": 32,
@@ -21,12 +28,20 @@ CHROMA_CONFIG = {
 }
 
 
-def build(config_class_name: str, unet_config: dict, seed: int = 0):
+def build(config_class_name: str, unet_config: dict, seed: int = 0, overrides: dict | None = None):
+    """A tiny random-weight model of `comfy.supported_models.<config_class_name>`.
+    overrides: set on the config after it is made, for families whose config
+    class forces full-size values over the ones given (JoyImage's rope axes)."""
     import comfy.model_management
     import comfy.model_patcher
     import comfy.supported_models
 
-    model_config = getattr(comfy.supported_models, config_class_name)(dict(unet_config))
+    if not hasattr(comfy.supported_models, config_class_name):
+        import pytest
+
+        pytest.skip(f"{config_class_name}: not in this ComfyUI ({comfyui_version()})")
+    model_config = getattr(comfy.supported_models, config_class_name)(complete_params(unet_config))
+    model_config.unet_config.update(overrides or {})
     model_config.set_inference_dtype(torch.float32, None)
     model = model_config.get_model({})
     generator = torch.Generator().manual_seed(seed)

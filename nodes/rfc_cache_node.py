@@ -97,7 +97,8 @@ def apply_rfc_cache(model, config: CacheConfig, node_id: str | None = None, gran
     patched = model.clone()
     patched.model_options.setdefault("transformer_options", {})
     if granularity != "model" and block_keys:
-        settings = CacheSettings(config, adapter.family, "blocks", adapter, block_keys[0], node_id)
+        settings = CacheSettings(config, adapter.family, "blocks", adapter, adapter.module_keys(diffusion_model)[0],
+                                 node_id)
         hooks = _patch_blocks(patched, adapter, block_keys)
         logger.info("RFC: %s (%s), granularity blocks: %d blocks through %s; %s", adapter.family,
                     _describe_model(diffusion_model), len(block_keys), hooks, config.describe())

@@ -27,6 +27,7 @@ Faults never cost the image:
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import logging
@@ -50,6 +51,12 @@ SUMMARY_EVENT = "rfc-cache.summary"
 MODEL_MODULE = "model"
 # Where core's EasyCache and LazyCache nodes keep their state.
 EASYCACHE_KEY = "easycache"
+# Transformer options a sampler sets when it keeps state of its own across
+# model calls, which a predicted call would corrupt: such runs are not cached.
+SAMPLER_STATE_KEYS = {
+    "ar_state": "the ar_video sampler keeps its own K/V cache across model calls and a predicted call would "
+                "corrupt it",
+}
 
 
 class CacheSettings:
@@ -88,6 +95,16 @@ def _skip_window(model_patcher, config: CacheConfig):
             float(model_sampling.percent_to_sigma(config.end_percent)))
 
 
+def comfyui_version() -> str:
+    """The running ComfyUI's version, for messages about its models."""
+    try:
+        import comfyui_version as version_module
+
+        return str(version_module.__version__)
+    except Exception:
+        return "of unknown version"
+
+
 class SamplingSession:
     """One sampling run of one patched model."""
 
@@ -95,13 +112,19 @@ class SamplingSession:
         self.settings = settings
         self.adapter = settings.adapter
         self.diffusion_model = diffusion_model
+        # "blocks" or "model"; a block fault moves the run to "model".
+        self.granularity = settings.granularity
         config = settings.config
         self.run = RFCRun(config, settings.first_module, skip_window, schedule,
                           storage_for(config.cache_device, config.cache_dtype))
-        # Streams each module actually returned (SD3's last block returns no
-        # text stream); only those are cached and predicted.
+        # Streams each block actually returned (SD3's last block returns no
+        # text stream) or that are empty (LTX-2 without audio); only the
+        # others are cached and predicted.
         self.returned_streams: dict = {}
+        # Set when caching is off for the rest of the run (a fault at whole-model granularity).
         self.failed = False
+        # What the summary says about faults.
+        self.fault_notes: list[str] = []
         self.warned_non_finite = False
         # The block being predicted or computed: a cached block reached again
         # inside it (another node's patch that wraps ours and was chained by
@@ -114,12 +137,14 @@ class SamplingSession:
     @property
     def caches_blocks(self) -> bool:
         """Blocks go through the cache: neither failed nor whole-model."""
-        return not self.failed and self.settings.granularity == "blocks"
+        return not self.failed and self.granularity == "blocks"
+
+    @property
+    def caches_model(self) -> bool:
+        return not self.failed and self.granularity == "model"
 
     def start_evaluation(self, sigma: float) -> None:
-        if self.failed:
-            return
-        if len(self.run.evaluations) == 1 and self.settings.config.cache_device == "auto":
+        if len(self.run.evaluations) == 1 and self.settings.config.cache_device == "auto" and not self.failed:
             self._offload_if_needed()
         self.run.start_evaluation(sigma)
 
@@ -135,11 +160,39 @@ class SamplingSession:
             self.run.relocate(FeatureStorage("cpu", self.run.storage.dtype))
 
     def fail(self, where: str) -> None:
-        """Caching broke: compute everything for the rest of the run, say so once."""
-        if not self.failed:
-            logger.exception("RFC: caching failed while %s; computing every block for the rest of this run", where)
+        """Caching broke; called from the `except` that caught it. A block
+        fault moves the run to whole-model caching, a whole-model fault
+        computes everything; the image is never lost. One warning line per
+        fault (at most two a run), the traceback at DEBUG."""
+        if self.failed:
+            return
+        error = sys.exc_info()[1]
+        what = f"{type(error).__name__}: {error}" if error is not None else "unknown error"
+        evaluation = len(self.run.evaluations)
+        family, version = self.settings.family, comfyui_version()
+        if self.granularity == "blocks":
+            self.granularity = "model"
+            self.run.rebase(MODEL_MODULE)
+            consequence = "caching the whole model call for the rest of this run"
+            self.fault_notes.append(f"block caching failed at evaluation {evaluation}, the whole model call was "
+                                    f"cached from there")
+        else:
+            self.failed = True
+            self.run.switch_off("caching off after a fault")
+            consequence = "computing every evaluation in full for the rest of this run"
+            self.fault_notes.append(f"caching failed at evaluation {evaluation}, the rest was computed in full")
+        logger.warning("RFC: caching failed on %s, ComfyUI %s, while %s (%s); %s. Please report it with the "
+                       "traceback that --verbose DEBUG logs.", family, version, where, what, consequence)
+        logger.debug("RFC: the fault while %s", where, exc_info=True)
+
+    def leave_uncached(self, reason: str) -> None:
+        """Compute every evaluation of this run from now on, and say why once."""
+        if self.failed:
+            return
+        logger.info("RFC: %s not cached, because %s; every evaluation is computed", self.settings.family, reason)
         self.failed = True
-        self.run.finish()
+        self.run.switch_off("not cached")
+        self.fault_notes.append(f"not cached: {reason}")
 
     def _warn_non_finite(self, module: str, what: str) -> None:
         if not self.warned_non_finite:
@@ -157,6 +210,20 @@ class SamplingSession:
                                       "block computed")
         return None
 
+    def _predicted_residuals(self, chunk_key, units, module_inputs, module: str) -> list | None:
+        """One predicted residual per unit, or None when the block must be
+        computed (one unit that cannot be predicted is enough). The counters
+        count the block once, however many units it has."""
+        residuals = []
+        for unit_key, _ in units:
+            residual = self._predicted_residual(chunk_key, unit_key, module_inputs.get(unit_key), module)
+            if residual is None:
+                self.run.modules_predicted -= len(residuals)
+                return None
+            residuals.append(residual)
+        self.run.modules_predicted -= len(residuals) - 1
+        return residuals
+
     def _record(self, chunk_key, module_key, module_input, residual: torch.Tensor, module: str) -> None:
         self.run.record(chunk_key, module_key, module_input, residual)
         finite = torch.isfinite(residual).all()
@@ -168,14 +235,14 @@ class SamplingSession:
         if chunk is None:  # recorded outside an evaluation: nothing was kept
             return
         chunk.modules.pop(module_key, None)
-        if module_key == self.settings.first_module:
+        if module_key == self.run.first_module:
             chunk.first_input = None
         self._warn_non_finite(module, "the computed output or module input has inf or NaN values; it is not "
                                       "cached, and the block is computed until it is finite again")
 
     def run_block(self, kind: str, index: int, args: dict, compute, transformer_options: dict) -> dict:
         """Predict or compute one block. `compute(args)` runs the real block and
-        returns its streams by name; the result has the same form."""
+        returns what the block's caller reads back; the result has the same form."""
         if self.running_module is not None:
             return compute(args)
         self.running_module = (kind, index)
@@ -186,60 +253,92 @@ class SamplingSession:
         finally:
             self.running_module = None
 
-    def _run_block(self, kind: str, index: int, args: dict, compute, transformer_options: dict) -> dict:
+    def _units(self, kind: str, index: int, names) -> list[tuple]:
+        """The cached modules of one block: (module key, its stream names)."""
+        if self.adapter.group(kind).separate_streams:
+            return [((kind, index, name), (name,)) for name in names]
+        return [((kind, index), tuple(names))]
+
+    def _module_inputs(self, kind: str, index: int, args: dict, units) -> dict:
         group = self.adapter.group(kind)
-        module_key = (kind, index)
+        module_inputs = {}
+        for unit_key, names in units:
+            if not self.run.needs_module_input(unit_key):
+                continue
+            if group.separate_streams:
+                value = self.adapter.module_input(self.diffusion_model, kind, index, args, stream=names[0])
+            else:
+                value = self.adapter.module_input(self.diffusion_model, kind, index, args)
+            # Estimators take per-sample norms over everything but dim 0.
+            module_inputs[unit_key] = value.movedim(group.batch_dim, 0)
+        return module_inputs
+
+    def _run_block(self, kind: str, index: int, args: dict, compute, transformer_options: dict) -> dict:
+        adapter = self.adapter
+        group = adapter.group(kind)
+        block_key = (kind, index)
         module = f"{kind} {index}"
         try:
-            chunk_key = self.adapter.chunk_key(kind, args, transformer_options)
-            module_input = None
-            if self.run.needs_module_input(module_key):
-                # Estimators take per-sample norms over everything but dim 0.
-                module_input = self.adapter.module_input(self.diffusion_model, kind, index, args)
-                module_input = module_input.movedim(group.batch_dim, 0)
-            names = self.returned_streams.get(module_key, group.streams)
-            inputs = [args[name] for name in names]
-            packed_input = pack(inputs, group.batch_dim)
-            residual = self._predicted_residual(chunk_key, module_key, module_input, module)
-            if residual is not None:
-                predicted = dict(zip(names, unpack(packed_input + residual, inputs, group.batch_dim)))
-                return {name: predicted.get(name) for name in group.streams}
+            inputs = adapter.read_streams(kind, args)
+            names = self.returned_streams.get(block_key)
+            if names is None:
+                names = tuple(name for name in group.streams if _non_empty(inputs[name]))
+            chunk_key = chunk_identity(transformer_options, inputs[group.streams[0]])
+            units = self._units(kind, index, names)
+            module_inputs = self._module_inputs(kind, index, args, units)
+            # Packed before the block runs: some blocks update their inputs in place.
+            packed_inputs = [pack([inputs[name] for name in unit_names], group.batch_dim) for _, unit_names in units]
+            residuals = self._predicted_residuals(chunk_key, units, module_inputs, module)
+            if residuals is not None:
+                predicted = dict(inputs)  # streams that are not cached pass through
+                for (_, unit_names), packed, residual in zip(units, packed_inputs, residuals):
+                    like = [inputs[name] for name in unit_names]
+                    predicted.update(zip(unit_names, unpack(packed + residual, like, group.batch_dim)))
+                return adapter.write_streams(kind, predicted)
         except Exception:
             self.fail(f"predicting {module}")
             return compute(args)
         output = compute(args)
         try:
-            returned = tuple(name for name in group.streams if output.get(name) is not None)
+            returned_streams = adapter.read_streams(kind, output)
+            returned = tuple(name for name in names if returned_streams.get(name) is not None)
             if returned != names:
-                self.returned_streams[module_key] = returned
-                packed_input = _select_streams(packed_input, inputs, names, returned, group.batch_dim)
-            packed_output = pack([output[name] for name in returned], group.batch_dim)
-            self._record(chunk_key, module_key, module_input, packed_output - packed_input, module)
+                self.returned_streams[block_key] = returned
+                packed_inputs = _select_units(units, packed_inputs, inputs, returned, group.batch_dim)
+                units = self._units(kind, index, returned)
+            for (unit_key, unit_names), packed in zip(units, packed_inputs):
+                packed_output = pack([returned_streams[name] for name in unit_names], group.batch_dim)
+                self._record(chunk_key, unit_key, module_inputs.get(unit_key), packed_output - packed, module)
+            self.run.modules_computed -= len(units) - 1
         except Exception:
             self.fail(f"recording {module}")
         return output
 
     def run_model(self, compute, x, transformer_options: dict):
         """Whole-model granularity: the model call is the one cached module,
-        the noisy latent its input, the denoised latent minus it the residual."""
+        the noisy latent its input, the denoised latent minus it the residual.
+        A latent of several tensors (ComfyUI's NestedTensor of video and
+        audio, or a list) is cached as all of them together."""
         module = "the model call"
         try:
-            chunk_key = chunk_identity(transformer_options, x)
-            module_input = x.detach().clone()
-            residual = self._predicted_residual(chunk_key, MODEL_MODULE, module_input, module)
+            leaves = tensor_leaves(x)
+            chunk_key = chunk_identity(transformer_options, leaves[0])
+            packed_input = pack(leaves)
+            residual = self._predicted_residual(chunk_key, MODEL_MODULE, packed_input, module)
             if residual is not None:
-                return unpack(pack([x]) + residual, [x])[0]
+                return rebuild_leaves(x, unpack(packed_input + residual, leaves))
         except Exception:
             self.fail("predicting the model output")
             return compute()
         output = compute()
         try:
+            output_leaves = tensor_leaves(output)
+            packed_output = pack(output_leaves)
             # A model whose output is not shaped like its input (none of
             # ComfyUI's today) is cached as its plain output.
-            packed_output = pack([output])
-            if output.shape == x.shape:
-                packed_output = packed_output - pack([x]).to(packed_output.dtype)
-            self._record(chunk_key, MODEL_MODULE, module_input, packed_output, module)
+            if [t.shape for t in output_leaves] == [t.shape for t in leaves]:
+                packed_output = packed_output - packed_input.to(packed_output.dtype)
+            self._record(chunk_key, MODEL_MODULE, packed_input, packed_output, module)
         except Exception:
             self.fail("recording the model output")
         return output
@@ -247,20 +346,63 @@ class SamplingSession:
     def finish(self) -> str:
         self.run.finish()
         self.returned_streams.clear()
-        summary = f"RFC on {self.settings.family} ({self.settings.granularity}): {self.run.summary()}"
-        if self.failed:
-            summary += " (caching failed part-way; the rest was computed in full)"
+        granularity = self.settings.granularity
+        summary = f"RFC on {self.settings.family} ({granularity}): {self.run.summary()}"
+        if self.fault_notes:
+            summary += f" ({'; '.join(self.fault_notes)})"
         logger.info("%s", summary)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("RFC: each model evaluation of this run:\n%s", self.run.step_table())
-        if self.unseen_blocks and self.run.evaluations and not self.failed:
+        if self.unseen_blocks and self.run.evaluations and self.caches_blocks:
             nothing_skipped = ("; nothing could be skipped, the first block is among them"
-                               if self.settings.first_module in self.unseen_blocks else "")
+                               if self.settings.first_module[:2] in self.unseen_blocks else "")
             logger.warning("RFC: a node applied after RFC Cache replaced the forward of %d block(s) without "
                            "calling RFC's (%s): they were computed every time%s. Apply that node before RFC Cache.",
                            len(self.unseen_blocks), ", ".join(self.unseen_blocks.values()), nothing_skipped)
         _send_summary(self.settings.node_id, summary, self.run)
         return summary
+
+
+def _non_empty(stream) -> bool:
+    return stream is not None and stream.numel() > 0
+
+
+def tensor_leaves(value) -> list[torch.Tensor]:
+    """The tensors of a model input or output: a tensor, a list or tuple of
+    them, or ComfyUI's NestedTensor (which keeps them in `.tensors`)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [leaf for item in value for leaf in tensor_leaves(item)]
+    if getattr(value, "is_nested", False) and isinstance(getattr(value, "tensors", None), list):
+        return [leaf for item in value.tensors for leaf in tensor_leaves(item)]
+    raise TypeError(f"cannot cache a model value of type {type(value).__name__}")
+
+
+def rebuild_leaves(like, leaves: list[torch.Tensor]):
+    """`like`'s structure with `leaves` in place of its tensors."""
+    remaining = iter(leaves)
+
+    def build(item):
+        if isinstance(item, torch.Tensor):
+            return next(remaining)
+        if isinstance(item, (list, tuple)):
+            return type(item)(build(part) for part in item)
+        rebuilt = copy.copy(item)  # a NestedTensor: same class, new tensor list
+        rebuilt.tensors = [build(part) for part in item.tensors]
+        return rebuilt
+
+    return build(like)
+
+
+def _select_units(units, packed_inputs, inputs, keep, batch_dim: int) -> list[torch.Tensor]:
+    """The packed inputs of the streams the block returned, unit by unit."""
+    selected = []
+    for (_, unit_names), packed in zip(units, packed_inputs):
+        if not any(name in keep for name in unit_names):
+            continue
+        selected.append(_select_streams(packed, [inputs[name] for name in unit_names], unit_names, keep, batch_dim))
+    return selected
 
 
 def _select_streams(packed: torch.Tensor, inputs: list[torch.Tensor], names, keep, batch_dim: int) -> torch.Tensor:
@@ -490,8 +632,12 @@ def outer_sample_wrapper(executor, *args, **kwargs):
 
 def calc_cond_batch_wrapper(executor, *args, **kwargs):
     model_options = kwargs.get("model_options", args[-1] if args else {})
-    session: SamplingSession | None = model_options.get("transformer_options", {}).get(SESSION_KEY)
+    transformer_options = model_options.get("transformer_options", {})
+    session: SamplingSession | None = transformer_options.get(SESSION_KEY)
     if session is not None:
+        for key, reason in SAMPLER_STATE_KEYS.items():
+            if key in transformer_options:
+                session.leave_uncached(reason)
         timestep = kwargs.get("timestep", args[3] if len(args) > 3 else None)
         try:
             session.start_evaluation(float(timestep.flatten()[0]))
@@ -512,7 +658,7 @@ def apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control
         return compute()
     token = _ACTIVE_CALL.set((session, transformer_options))
     try:
-        if session.settings.granularity == "model":
+        if session.caches_model:
             return session.run_model(compute, x, transformer_options)
         return compute()
     finally:

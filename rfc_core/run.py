@@ -82,6 +82,9 @@ class RFCRun:
         self.modules_predicted = 0
         self.peak_bytes = 0
         self._skip: bool | None = None
+        # Set when caching is switched off for the rest of the run (a
+        # fault): evaluations are still counted, all of them computed.
+        self.off_reason: str | None = None
 
     @property
     def current(self) -> Evaluation | None:
@@ -93,6 +96,22 @@ class RFCRun:
         if self.plan is not None:
             self.plan.observe(float(sigma))
         self._skip = None
+        if self.off_reason is not None:
+            self.current.reason = self.off_reason
+            self._settle(False)
+
+    def switch_off(self, reason: str) -> None:
+        """Compute everything from here on; the evaluation in progress keeps
+        the decision it got, every later one is counted as computed."""
+        self.off_reason = reason
+        self.finish()
+
+    def rebase(self, first_module: Hashable) -> None:
+        """Cache other modules from the next evaluation on (blocks to the
+        whole model call after a block fault): history is dropped, so the new
+        first module computes until it has points of its own."""
+        self.finish()
+        self.first_module = first_module
 
     def _in_window(self, sigma: float) -> bool:
         if self.skip_window is None:
@@ -179,7 +198,7 @@ class RFCRun:
     def predict(self, chunk_key: Hashable, module_key: Hashable,
                 module_input: torch.Tensor | None) -> torch.Tensor | None:
         """The predicted residual of this module, or None when it must be computed."""
-        if self.current is None:
+        if self.current is None or self.off_reason is not None:
             return None
         chunk = self.chunks.setdefault(chunk_key, ChunkCache())
         if self._skip is None and module_key == self.first_module:
@@ -194,7 +213,7 @@ class RFCRun:
                module_input: torch.Tensor | None, residual: torch.Tensor) -> None:
         """Store a computed module's residual (output minus input)."""
         self.modules_computed += 1
-        if self.current is None:
+        if self.current is None or self.off_reason is not None:
             return
         sigma = self.current.sigma
         chunk = self.chunks.setdefault(chunk_key, ChunkCache())

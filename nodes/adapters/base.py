@@ -31,6 +31,9 @@ class BlockGroup:
     outputs: FORWARD only: what the block's forward returns, as stream names
         in order; one name means it returns a single tensor. Default: streams.
     batch_dim: where the batch is in each stream (Cosmos 1 keeps it at 3).
+    separate_streams: cache each stream as a module of its own, with its
+        own module input (LTX-2's video and audio: two modalities whose
+        changes differ in size and timing). Default: one module per block.
     """
 
     kind: str
@@ -39,6 +42,7 @@ class BlockGroup:
     hook: str = REPLACE
     outputs: tuple[str, ...] | None = None
     batch_dim: int = 0
+    separate_streams: bool = False
 
     @property
     def returned(self) -> tuple[str, ...]:
@@ -127,17 +131,37 @@ class BlockAdapter:
     def streams(self, kind: str) -> tuple[str, ...]:
         return self.group(kind).streams
 
+    def read_streams(self, kind: str, values: dict) -> dict:
+        """The block's hidden states by stream name, from a patch's args (or
+        the forward's arguments) and from what the block returned; a stream
+        the block did not return is None. Adapters whose block passes its
+        streams in another form (LTX-2's `(video, audio)` tuple) override
+        this and `write_streams`."""
+        return {name: values.get(name) for name in self.streams(kind)}
+
+    def write_streams(self, kind: str, streams: dict) -> dict:
+        """What the block's caller reads back, from the streams by name."""
+        return {name: streams.get(name) for name in self.streams(kind)}
+
+    def module_keys(self, diffusion_model) -> list:
+        """Every cached module: a block, or one of its streams where the
+        group caches them separately."""
+        keys = []
+        for kind, index in self.block_keys(diffusion_model):
+            group = self.group(kind)
+            if group.separate_streams:
+                keys.extend((kind, index, name) for name in group.streams)
+            else:
+                keys.append((kind, index))
+        return keys
+
     def module_input(self, diffusion_model, kind: str, index: int, args: dict) -> torch.Tensor:
         """The cheap proxy of the block's input that RFE scales by and RCS
         watches. Default: the first hidden state itself (copied: some blocks
         update it in place). Adapters override this with the block's
         adaLN-modulated, normalised input where they can, as the paper does:
         unlike the raw hidden state it also moves with the timestep. Keep
-        the stream's layout; the runtime moves its batch to dim 0."""
+        the stream's layout; the runtime moves its batch to dim 0. Groups
+        with `separate_streams` are asked once per stream, with `stream`."""
         group = self.group(kind)
         return args[group.streams[0]].detach().clone()
-
-    def chunk_key(self, kind: str, args: dict, transformer_options: dict) -> Hashable:
-        """Identifies one chunk of an evaluation (cond and uncond batched or
-        apart) so each keeps its own cached features."""
-        return chunk_identity(transformer_options, args[self.streams(kind)[0]])

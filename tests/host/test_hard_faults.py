@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 
 import pytest
 import torch
@@ -299,15 +300,25 @@ FAULTS = {
 }
 
 
+def summary_counts(caplog) -> tuple[int, int]:
+    """(computed, total) model evaluations from the run's summary line."""
+    found = re.search(r"computed (\d+) of (\d+) model evaluations", caplog.text)
+    assert found, "no summary line"
+    return int(found.group(1)), int(found.group(2))
+
+
 @pytest.mark.parametrize("fault", sorted(FAULTS))
-def test_exception_in_the_cache_computes_the_rest_of_the_run(family, fault, monkeypatch, caplog):
-    """An exception inside the cache logic is logged once, as an error, and
-    everything from that block on is computed. Before it, evaluation 2 and
-    the first block of evaluation 3 were predicted, so that is what is
-    saved; a fault on the very first call leaves the latent bit-identical."""
+def test_block_fault_caches_the_whole_model_for_the_rest_of_the_run(family, fault, monkeypatch, caplog):
+    """An exception in a block adapter or block estimator (what a ComfyUI
+    update changing a block looks like) is one warning naming the family and
+    the ComfyUI version; the block that raised is computed, and the rest of
+    the run caches the whole model call, warming up again. The summary
+    counts every evaluation of the run. A fault on the very first call
+    computes that whole evaluation, so only whole-model skips change it."""
     what, call = FAULTS[fault]
     blocks = len(family.block_keys)
-    reference, reference_calls = family.run(family.model)
+    steps = 12
+    _, reference_calls = family.run(family.model)
     if what == "module_input":
         adapter_class = type(family.adapter)
         monkeypatch.setattr(adapter_class, "module_input", nth_call_raises(adapter_class.module_input, call(blocks)))
@@ -318,16 +329,39 @@ def test_exception_in_the_cache_computes_the_rest_of_the_run(family, fault, monk
     caplog.set_level(logging.INFO, logger="ComfyUI-RFC")
     latent, calls = family.run(rfc(family.nodes, family.model, **FORCED))
 
-    errors = [r for r in caplog.records if r.name == "ComfyUI-RFC" and r.levelno >= logging.ERROR]
-    assert len(errors) == 1 and "caching failed" in errors[0].getMessage()
-    assert "injected fault" in caplog.text  # the traceback is in the log
-    assert "the rest was computed in full" in caplog.text  # and the summary says so
+    warnings = records(caplog, logging.WARNING, "caching failed on")
+    assert len(warnings) == 1
+    message = warnings[0].getMessage()
+    assert family.adapter.family in message and "ComfyUI 0." in message and "injected fault" in message
+    assert "caching the whole model call for the rest of this run" in message
+    assert not [r for r in caplog.records if r.name == "ComfyUI-RFC" and r.levelno >= logging.ERROR]
+    assert "the whole model call was cached from there" in caplog.text
+    computed, total = summary_counts(caplog)
+    assert total == steps
     assert torch.isfinite(latent).all()
+    # Whole-model caching skips evaluations after the fault: blocks run on
+    # the computed ones, and on the part of the evaluation that raised.
+    assert computed < steps
+    assert computed * blocks <= calls <= (computed + 1) * blocks < reference_calls
     if fault.endswith("first"):
-        assert calls == reference_calls
-        assert torch.equal(latent, reference)
-    else:
-        assert calls == reference_calls - (blocks + 1)
+        assert calls == computed * blocks
+
+
+def test_whole_model_fault_computes_the_rest_in_full(family, monkeypatch, caplog):
+    """A fault at whole-model granularity: the run is computed in full from
+    there, one warning, and the summary still counts every evaluation."""
+    steps = 12
+    reference, reference_calls = family.run(family.model)
+    runtime = pack_module(family.nodes, "nodes.runtime")
+    monkeypatch.setattr(runtime, "pack", nth_call_raises(runtime.pack, 1))
+    caplog.set_level(logging.INFO, logger="ComfyUI-RFC")
+    latent, calls = family.run(rfc(family.nodes, family.model, granularity="model", **FORCED))
+    warnings = records(caplog, logging.WARNING, "caching failed on")
+    assert len(warnings) == 1 and "computing every evaluation in full" in warnings[0].getMessage()
+    assert "the rest was computed in full" in caplog.text
+    assert summary_counts(caplog) == (steps, steps)
+    assert calls == reference_calls
+    assert torch.equal(latent, reference)
 
 
 def test_fault_when_the_run_starts_computes_it_in_full(family, monkeypatch, caplog):

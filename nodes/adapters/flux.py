@@ -1,16 +1,40 @@
-"""Flux (and Kontext, which shares its class) and Chroma.
+"""Flux (FLUX.1, Kontext, FLUX.2 dev and Klein, LongCat-Image: one class) and Chroma.
 
 Module input: the block's adaLN-modulated, layer-normalised image stream,
-as in the paper. It costs one small linear on the conditioning vector (Flux)
-or nothing (Chroma passes the modulation in) plus a LayerNorm, a few percent
-of the block. Unlike the raw hidden state it carries the timestep, whose
-change drives the output change that RFE scales and RCS watches for; the raw
-hidden state of the first block does not depend on the timestep at all.
+as in the paper. It costs one small linear on the conditioning vector (FLUX.1)
+or nothing (Chroma and FLUX.2 pass the modulation in) plus a LayerNorm, a few
+percent of the block. Unlike the raw hidden state it carries the timestep,
+whose change drives the output change that RFE scales and RCS watches for;
+the raw hidden state of the first block does not depend on the timestep at all.
+
+FLUX.2 (`global_modulation`) computes every block's modulation once and
+passes it as `vec`, laid out as Chroma's: for double blocks
+((image attention, image MLP), (text attention, text MLP)), for single blocks
+one (shift, scale, gate). With reference images at timestep zero (Klein
+edit, `index_timestep_zero`) each modulation has two rows per sample: the
+reference tokens, the last tokens of the image stream, take the second.
 """
 
 from __future__ import annotations
 
+import torch
+
 from .base import BlockAdapter, BlockGroup
+
+
+def modulate_rows(normed: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, tail_tokens: int) -> torch.Tensor:
+    """`normed * (1 + scale) + shift` with (batch, rows, dim) modulation: one
+    row for every token, or two, the second for the last `tail_tokens`."""
+    if scale.shape[1] == 1:
+        return torch.addcmul(shift, normed, 1 + scale)
+    head = normed.shape[1] - tail_tokens
+    return torch.cat((torch.addcmul(shift[:, :1], normed[:, :head], 1 + scale[:, :1]),
+                      torch.addcmul(shift[:, 1:2], normed[:, head:], 1 + scale[:, 1:2])), dim=1)
+
+
+def reference_tokens(args: dict) -> int:
+    """Tokens of the reference images ComfyUI appended to the image stream."""
+    return sum((args.get("transformer_options") or {}).get("reference_image_num_tokens") or ())
 
 
 class _FluxLikeAdapter(BlockAdapter):
@@ -29,7 +53,19 @@ class _FluxLikeAdapter(BlockAdapter):
         block = self.block(diffusion_model, kind, index)
         norm = block.img_norm1 if kind == "double_block" else block.pre_norm
         modulation = self.image_modulation(block, kind, args)
-        return norm(args["img"]) * (1 + modulation.scale) + modulation.shift
+        scale, shift = modulation.scale, modulation.shift
+        if scale.ndim == 2:
+            scale, shift = scale[:, None], shift[:, None]
+        return modulate_rows(norm(args["img"]), scale, shift, reference_tokens(args))
+
+
+def passed_in_modulation(kind, vec):
+    """The image stream's attention modulation, where the model computed it
+    up front (Chroma, FLUX.2)."""
+    if kind == "double_block":
+        (image_modulation, _), _ = vec
+        return image_modulation
+    return vec
 
 
 class FluxAdapter(_FluxLikeAdapter):
@@ -37,7 +73,10 @@ class FluxAdapter(_FluxLikeAdapter):
     model_classes = ("comfy.ldm.flux.model.Flux",)
 
     def image_modulation(self, block, kind, args):
-        modulation_layer = block.img_mod if kind == "double_block" else block.modulation
+        # FLUX.1 blocks own their modulation; FLUX.2 blocks have none and get it in `vec`.
+        modulation_layer = getattr(block, "img_mod" if kind == "double_block" else "modulation", None)
+        if modulation_layer is None:
+            return passed_in_modulation(kind, args["vec"])
         return modulation_layer(args["vec"])[0]
 
 
@@ -46,11 +85,7 @@ class ChromaAdapter(_FluxLikeAdapter):
     model_classes = ("comfy.ldm.chroma.model.Chroma",)
 
     def image_modulation(self, block, kind, args):
-        # Chroma computes every block's modulation up front and passes it as `vec`.
-        if kind == "double_block":
-            (image_modulation, _), _ = args["vec"]
-            return image_modulation
-        return args["vec"]
+        return passed_in_modulation(kind, args["vec"])
 
 
 ADAPTERS = (FluxAdapter(), ChromaAdapter())

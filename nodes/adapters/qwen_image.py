@@ -1,8 +1,11 @@
-"""Qwen-Image (and Qwen-Image-Edit, which shares its class).
+"""Qwen-Image, Qwen-Image-Edit and Qwen-Image-Edit-2511 (one class).
 
 Module input: the image stream's adaLN-modulated, layer-normalised input, as
 the block computes it for its attention's image query/key/value projections.
-Edit reference-latent tokens are appended to the image stream and are part of it.
+Edit reference-latent tokens are appended to the image stream and are part
+of it. With `index_timestep_zero` (Edit-2511) the timestep embedding `vec`
+has twice the batch: the second half, the embedding at t = 0, modulates the
+reference tokens.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from .base import BlockAdapter, BlockGroup
+from .flux import reference_tokens
 
 
 class QwenImageAdapter(BlockAdapter):
@@ -19,10 +23,17 @@ class QwenImageAdapter(BlockAdapter):
 
     def module_input(self, diffusion_model, kind, index, args):
         block = self.block(diffusion_model, kind, index)
+        img = args["img"]
         # img_mod gives 6 chunks: shift, scale, gate for attention, then for the MLP.
         attention_modulation = block.img_mod(args["vec"]).chunk(2, dim=-1)[0]
         shift, scale, _ = attention_modulation.chunk(3, dim=-1)
-        return torch.addcmul(shift.unsqueeze(1), block.img_norm1(args["img"]), 1 + scale.unsqueeze(1))
+        normed = block.img_norm1(img)
+        batch = img.shape[0]
+        if shift.shape[0] == batch:
+            return torch.addcmul(shift.unsqueeze(1), normed, 1 + scale.unsqueeze(1))
+        head = img.shape[1] - reference_tokens(args)
+        return torch.cat((torch.addcmul(shift[:batch, None], normed[:, :head], 1 + scale[:batch, None]),
+                          torch.addcmul(shift[batch:, None], normed[:, head:], 1 + scale[batch:, None])), dim=1)
 
 
 ADAPTERS = (QwenImageAdapter(),)

@@ -41,8 +41,14 @@ class FamilySpec:
         through the block's `__call__` when it is predicted).
     probe(block, kind): the submodule whose first input is the block's
         module input, to check the adapter computes it exactly; None skips.
+        For blocks whose streams are cached apart, a dict: stream -> submodule.
+    latent(batch, seed): (latent, noise) for families whose latent is not
+        one tensor (LTX-2's video and audio). Default: zeros and seeded noise
+        of `latent_shape`.
     prepare(diffusion_model): anything the tiny model needs before use.
     granularity: what the pack must choose for this family.
+    overrides: values set on the config class after it is made (see `build`).
+    unsupported(): why this ComfyUI cannot run the spec (a reason to skip), or None.
     """
 
     name: str
@@ -55,7 +61,10 @@ class FamilySpec:
     prepare: Callable | None = None
     granularity: str = "blocks"
     steps: int = 12
+    latent: Callable | None = None
     extra: dict = field(default_factory=dict)
+    overrides: dict = field(default_factory=dict)
+    unsupported: Callable | None = None
 
 
 def pack_module(nodes, name: str):
@@ -73,13 +82,20 @@ def sample_spec(spec: FamilySpec, model_patcher, steps=None, cfg=1.0, batch=1, s
                 sampler="euler", scheduler="simple"):
     import comfy.sample
 
-    shape = (batch, *spec.latent_shape)
-    latent = torch.zeros(shape)
-    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    if spec.latent is not None:
+        latent, noise = spec.latent(batch, seed)
+    else:
+        shape = (batch, *spec.latent_shape)
+        latent = torch.zeros(shape)
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     positive = spec.conditioning(batch, 1)
     negative = spec.conditioning(batch, 2)
-    return comfy.sample.sample(model_patcher, noise, steps or spec.steps, cfg, sampler, scheduler, positive,
-                               negative, latent, seed=seed, disable_pbar=True)
+    result = comfy.sample.sample(model_patcher, noise, steps or spec.steps, cfg, sampler, scheduler, positive,
+                                 negative, latent, seed=seed, disable_pbar=True)
+    if getattr(result, "is_nested", False):
+        # Several latents (LTX-2's video and audio) compared as one: (batch, features).
+        return torch.cat([t.reshape(t.shape[0], -1) for t in result.unbind()], dim=1)
+    return result
 
 
 class FamilyContract:
@@ -87,7 +103,10 @@ class FamilyContract:
 
     @pytest.fixture(scope="class")
     def model(self, comfy):
-        patcher = build(self.spec.config_class, self.spec.unet_config)
+        reason = self.spec.unsupported() if self.spec.unsupported is not None else None
+        if reason:
+            pytest.skip(reason)
+        patcher = build(self.spec.config_class, self.spec.unet_config, overrides=self.spec.overrides)
         if self.spec.prepare is not None:
             self.spec.prepare(patcher.model.diffusion_model)
         return patcher
@@ -158,32 +177,46 @@ class FamilyContract:
         from_adapter, from_block = {}, {}
         original = type(adapter).module_input
 
-        def spy(self_, diffusion_model_, kind, index, args):
-            value = original(self_, diffusion_model_, kind, index, args)
-            from_adapter.setdefault((kind, index), value.clone())
+        def spy(self_, diffusion_model_, kind, index, args, **stream):
+            value = original(self_, diffusion_model_, kind, index, args, **stream)
+            from_adapter.setdefault((kind, index, *stream.values()), value.clone())
             return value
 
         monkeypatch.setattr(type(adapter), "module_input", spy)
         handles = []
         for kind, index in adapter.block_keys(diffusion_model):
-            probe = self.spec.probe(adapter.block(diffusion_model, kind, index), kind)
+            probes = self.spec.probe(adapter.block(diffusion_model, kind, index), kind)
+            if not isinstance(probes, dict):
+                probes = {None: probes}
+            for stream, probe in probes.items():
+                def capture(module, inputs, key=(kind, index) if stream is None else (kind, index, stream)):
+                    from_block.setdefault(key, inputs[0].clone())
 
-            def capture(module, inputs, key=(kind, index)):
-                from_block.setdefault(key, inputs[0].clone())
-
-            handles.append(probe.register_forward_pre_hook(capture))
+                handles.append(probe.register_forward_pre_hook(capture))
         try:
             sample_spec(self.spec, rfc(nodes, model, **NEVER_SKIPS), steps=2)
         finally:
             for handle in handles:
                 handle.remove()
-        assert set(from_adapter) == set(from_block) == set(adapter.block_keys(diffusion_model))
+        assert set(from_adapter) == set(from_block) == set(adapter.module_keys(diffusion_model))
         for key in from_block:
             torch.testing.assert_close(from_adapter[key], from_block[key], rtol=1e-4, atol=1e-5, msg=str(key))
 
 
 def _clone_tensor(value):
+    if isinstance(value, tuple):  # LTX-2 passes (video, audio)
+        return tuple(_clone_tensor(item) for item in value)
     return value.clone() if isinstance(value, torch.Tensor) else value
+
+
+def _tensors(values) -> list[torch.Tensor]:
+    found = []
+    for value in values:
+        if isinstance(value, tuple):
+            found += _tensors(value)
+        elif isinstance(value, torch.Tensor):
+            found.append(value)
+    return found
 
 
 class _InputCopies:
@@ -217,8 +250,7 @@ class _InPlaceWatch:
 
     def __enter__(self):
         def remember(module, args, kwargs):
-            inputs = [*args, *kwargs.values()]
-            self._before[id(module)] = [(t, t.clone()) for t in inputs if isinstance(t, torch.Tensor)]
+            self._before[id(module)] = [(t, t.clone()) for t in _tensors([*args, *kwargs.values()])]
 
         def compare(module, args, kwargs, output):
             self.updated |= any(not torch.equal(t, copy) for t, copy in self._before.pop(id(module)))
@@ -270,7 +302,7 @@ class ObjectPatchIsUndone:
     patched forward left behind that still predicts or records."""
 
     def test_plain_model_runs_original_blocks_after_caching(self, nodes):
-        model = build(self.spec.config_class, self.spec.unet_config)
+        model = build(self.spec.config_class, self.spec.unet_config, overrides=self.spec.overrides)
         if self.spec.prepare is not None:
             self.spec.prepare(model.model.diffusion_model)
         settings = dict(cfg=3.0, batch=2)

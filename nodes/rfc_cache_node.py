@@ -158,6 +158,10 @@ class RFCCache:
                    "they can be predicted from earlier ones. Place between the model loader and the sampler.")
     CATEGORY = "model_patches/RFC"
     RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("The model with RFC caching attached: connect it to the sampler.",)
+    # Shown by the node search of ComfyUI v0.29 and newer; older versions ignore it.
+    SEARCH_ALIASES = ["cache", "speed up", "faster sampling", "step cache", "teacache", "taylorseer",
+                      "first block cache", "relational feature caching"]
     FUNCTION = "apply"
 
     @classmethod

@@ -106,6 +106,21 @@ def _workflow() -> dict:
             "extra": {}, "version": 0.4}
 
 
+def test_the_server_describes_the_node_with_tooltips_and_search_aliases(server):
+    """What ComfyUI's own node_info makes of the V1 definition: tooltips on
+    every widget and the output, and from v0.29 on the search aliases."""
+    import json
+
+    url, _ = server
+    with urllib.request.urlopen(f"{url}/object_info/RFCCache", timeout=10) as reply:
+        info = json.loads(reply.read().decode())["RFCCache"]
+    widgets = {name: spec for name, spec in info["input"]["required"].items() if name != "model"}
+    assert all(spec[1].get("tooltip") for spec in widgets.values())
+    assert info["output_tooltips"] and info["output_tooltips"][0]
+    if "search_aliases" in info:
+        assert "teacache" in info["search_aliases"]
+
+
 def test_the_rfc_node_shows_the_run_it_drove(server, tmp_path):
     from playwright.sync_api import sync_playwright
 

@@ -114,8 +114,9 @@ def benchmark(sampler, methods, targets, max_skip: int, label: str) -> tuple[lis
     reference_pixels = latent_to_pixels(reference)
     rows, images, failures = [], {}, []
     memo: dict = {}
-    for method in methods:
-        for target in targets:
+    cells, started_all = len(methods) * len(targets), time.perf_counter()
+    for method_index, method in enumerate(methods):
+        for target_index, target in enumerate(targets):
             started = time.perf_counter()
             try:
                 setting, result = match(sampler, method, target, max_skip, memo)
@@ -130,9 +131,16 @@ def benchmark(sampler, methods, targets, max_skip: int, label: str) -> tuple[lis
             rows.append(Row(method.name, target, setting, result, psnr(pixels, reference_pixels),
                             ssim(pixels, reference_pixels), result.seconds / full_seconds))
             images[(method.name, target)] = pixels
-            logger.info("%s: %s at NFC %d (target %d) searched in %.1fs", label, method.name, result.nfc, target,
-                        time.perf_counter() - started)
+            done = method_index * len(targets) + target_index + 1
+            elapsed = time.perf_counter() - started_all
+            logger.info("[%s %d/%d] %s at NFC %d (target %d): searched in %.1fs; %s so far, about %s left", label,
+                        done, cells, method.name, result.nfc, target, time.perf_counter() - started,
+                        minutes(elapsed), minutes(elapsed / done * (cells - done)))
     return rows, reference_pixels, images, failures
+
+
+def minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
 
 
 def markdown_table(rows: list[Row], steps: int, title: str, failures: list[str] = ()) -> str:
@@ -210,6 +218,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.manual_seed(0)
+    started = time.perf_counter()
 
     model, encoder, _ = load_bundled()
     labels, seeds = sample_set(args.samples, len(encoder.names))
@@ -234,6 +243,7 @@ def main(argv=None) -> None:
         print()
         print(markdown_table(host_rows, args.steps, f"Through ComfyUI ({host_sampler.version}): {title}",
                              host_failures))
+    print(f"\nTotal time: {minutes(time.perf_counter() - started)}")
 
 
 if __name__ == "__main__":

@@ -159,6 +159,7 @@ class FamilyContract:
         # warm-up of order + 1 = 2 full evaluations, then two predicted and
         # one computed: 2 + 28 // 3 = 11 of 30 evaluations are computed
         full_evaluations = 2 + (steps - 2) // (FORCED["max_skip"] + 1)
+        assert reference_calls > 0, "the counted modules never ran: count modules the model really calls"
         assert reference_calls % steps == 0
         assert calls == reference_calls // steps * full_evaluations
         assert latent.shape == reference.shape

@@ -77,8 +77,12 @@ WAN_VARIANTS = {
                                   unet_config={**WAN21_SPEC.unet_config, "in_dim": 20}),
     "wandancer": dataclasses.replace(WAN21_SPEC, config_class="WAN22_WanDancer",
                                      unet_config={**WAN21_SPEC.unet_config, "in_dim": 36}),
+    # Animate 2 runs its blocks through `forward_gen`, not `__call__`, so the
+    # count is of the feed-forward each real execution runs once (without
+    # pose latents there is no pose branch to share it).
     "animate2": dataclasses.replace(WAN21_SPEC, config_class="WAN_Animate2",
-                                    unet_config={**WAN21_SPEC.unet_config, "in_dim": 36}),
+                                    unet_config={**WAN21_SPEC.unet_config, "in_dim": 36},
+                                    counted_modules=lambda dm: [block.ffn for block in dm.blocks]),
     "causal_ar": dataclasses.replace(WAN21_SPEC, config_class="WAN21_CausalAR_T2V"),
 }
 

@@ -187,8 +187,8 @@ class StandaloneSampler:
         latent = self._euler(velocity)
         session.finish()
         run = session.run
-        if session.failed:
-            raise RuntimeError("caching failed inside the benchmark; see the log")
+        if session.fault_notes:
+            raise RuntimeError(f"caching failed inside the benchmark: {'; '.join(session.fault_notes)}")
         return SampleResult(latent, run.computed_evaluations, run.modules_computed, run.peak_bytes,
                             time.perf_counter() - start)
 
@@ -210,8 +210,8 @@ class StandaloneSampler:
         latent = self._euler(velocity)
         session.finish()
         run = session.run
-        if session.failed:
-            raise RuntimeError("caching failed inside the benchmark; see the log")
+        if session.fault_notes:
+            raise RuntimeError(f"caching failed inside the benchmark: {'; '.join(session.fault_notes)}")
         return SampleResult(latent, run.computed_evaluations, run.computed_evaluations * self.block_count,
                             run.peak_bytes, time.perf_counter() - start)
 

@@ -121,8 +121,9 @@ class SamplingSession:
         # text stream) or that are empty (LTX-2 without audio); only the
         # others are cached and predicted.
         self.returned_streams: dict = {}
-        # Set when caching is off for the rest of the run (a fault at whole-model granularity).
-        self.failed = False
+        # Every evaluation from here on is computed: a fault at whole-model
+        # granularity, or a sampler that caching would break.
+        self.caching_off = False
         # What the summary says about faults.
         self.fault_notes: list[str] = []
         self.warned_non_finite = False
@@ -136,15 +137,15 @@ class SamplingSession:
 
     @property
     def caches_blocks(self) -> bool:
-        """Blocks go through the cache: neither failed nor whole-model."""
-        return not self.failed and self.granularity == "blocks"
+        """Blocks go through the cache: caching is on and at block granularity."""
+        return not self.caching_off and self.granularity == "blocks"
 
     @property
     def caches_model(self) -> bool:
-        return not self.failed and self.granularity == "model"
+        return not self.caching_off and self.granularity == "model"
 
     def start_evaluation(self, sigma: float) -> None:
-        if len(self.run.evaluations) == 1 and self.settings.config.cache_device == "auto" and not self.failed:
+        if len(self.run.evaluations) == 1 and self.settings.config.cache_device == "auto" and not self.caching_off:
             self._offload_if_needed()
         self.run.start_evaluation(sigma)
 
@@ -164,7 +165,7 @@ class SamplingSession:
         fault moves the run to whole-model caching, a whole-model fault
         computes everything; the image is never lost. One warning line per
         fault (at most two a run), the traceback at DEBUG."""
-        if self.failed:
+        if self.caching_off:
             return
         error = sys.exc_info()[1]
         what = f"{type(error).__name__}: {error}" if error is not None else "unknown error"
@@ -177,7 +178,7 @@ class SamplingSession:
             self.fault_notes.append(f"block caching failed at evaluation {evaluation}, the whole model call was "
                                     f"cached from there")
         else:
-            self.failed = True
+            self.caching_off = True
             self.run.switch_off("caching off after a fault")
             consequence = "computing every evaluation in full for the rest of this run"
             self.fault_notes.append(f"caching failed at evaluation {evaluation}, the rest was computed in full")
@@ -187,10 +188,10 @@ class SamplingSession:
 
     def leave_uncached(self, reason: str) -> None:
         """Compute every evaluation of this run from now on, and say why once."""
-        if self.failed:
+        if self.caching_off:
             return
         logger.info("RFC: %s not cached, because %s; every evaluation is computed", self.settings.family, reason)
-        self.failed = True
+        self.caching_off = True
         self.run.switch_off("not cached")
         self.fault_notes.append(f"not cached: {reason}")
 
@@ -346,16 +347,17 @@ class SamplingSession:
     def finish(self) -> str:
         self.run.finish()
         self.returned_streams.clear()
-        granularity = self.settings.granularity
-        summary = f"RFC on {self.settings.family} ({granularity}): {self.run.summary()}"
+        summary = f"RFC on {self.settings.family} ({self.settings.granularity}): {self.run.summary()}"
         if self.fault_notes:
             summary += f" ({'; '.join(self.fault_notes)})"
         logger.info("%s", summary)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("RFC: each model evaluation of this run:\n%s", self.run.step_table())
         if self.unseen_blocks and self.run.evaluations and self.caches_blocks:
+            # Module keys start with the block's (kind, index); a stream's adds its name.
+            first_block = self.settings.first_module[:2]
             nothing_skipped = ("; nothing could be skipped, the first block is among them"
-                               if self.settings.first_module[:2] in self.unseen_blocks else "")
+                               if first_block in self.unseen_blocks else "")
             logger.warning("RFC: a node applied after RFC Cache replaced the forward of %d block(s) without "
                            "calling RFC's (%s): they were computed every time%s. Apply that node before RFC Cache.",
                            len(self.unseen_blocks), ", ".join(self.unseen_blocks.values()), nothing_skipped)
@@ -654,7 +656,7 @@ def apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control
     def compute():
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 
-    if session is None or session.failed:
+    if session is None or session.caching_off:
         return compute()
     token = _ACTIVE_CALL.set((session, transformer_options))
     try:

@@ -1,0 +1,273 @@
+"""What the pack's own code costs per block, counted rather than timed.
+
+A Flux of FLUX.1-dev's width (3072 wide, 24 heads, random weights, bf16) runs
+through the pack's `CachedBlock` entries and session, as in the benchmark,
+under a TorchDispatchMode that attributes every ATen operation to the code
+that issued it: the pack around a block, the block itself, or the model
+around both. For each it counts
+
+- kernels: operations that compute (views and other aliasing operations
+  launch nothing on a GPU and are not counted);
+- traffic: bytes those operations read and write, in R, one block's
+  residual (all of its tokens, the full width, in the model's dtype);
+- host syncs: operations that bring a value to the CPU (`.item()`, `bool()`).
+
+It prints the counts per skipped block, per computed block (the pack's work
+on top of the block's own) and per model evaluation (the decision), next to
+the physical limit of a skipped block, and a roofline projection of those
+counts onto an H200 at FLUX.1-dev 1024x1024: a model, not a measurement.
+
+    python -m benchmarks.overhead            # about a minute on 2 CPU cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .methods import PACK_NAME, load_pack
+from .tiny_flux import TinyFlux
+
+# Operations that make the host wait for the device.
+SYNC_OPERATIONS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
+                   torch.ops.aten.equal.default, torch.ops.aten.nonzero.default}
+
+FLUX_DEV = {
+    "in_channels": 16, "out_channels": 16, "vec_in_dim": 768, "context_in_dim": 4096, "hidden_size": 3072,
+    "mlp_ratio": 4.0, "num_heads": 24, "axes_dim": [16, 56, 56], "theta": 10000, "patch_size": 2,
+    "qkv_bias": True, "guidance_embed": False,
+}
+FLUX_DEV_BLOCKS = (19, 38)  # double, single
+FLUX_DEV_TOKENS = (4096, 512)  # image tokens at 1024x1024, text tokens
+
+# The roofline: H200 SXM, dense bf16 and HBM3e; launch and sync latencies
+# typical of CUDA with eager PyTorch.
+H200_FLOPS = 989e12
+H200_BYTES_PER_SECOND = 4.8e12
+KERNEL_LAUNCH_SECONDS = 4e-6
+HOST_SYNC_SECONDS = 20e-6
+
+
+@dataclass
+class Cost:
+    kernels: float = 0
+    bytes: float = 0
+    syncs: float = 0
+
+    def add(self, other: "Cost", scale: float = 1.0) -> "Cost":
+        return Cost(self.kernels + scale * other.kernels, self.bytes + scale * other.bytes,
+                    self.syncs + scale * other.syncs)
+
+
+def _tensors(values) -> list[torch.Tensor]:
+    found = []
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif isinstance(value, (list, tuple)):
+            found += _tensors(value)
+        elif isinstance(value, dict):
+            found += _tensors(list(value.values()))
+    return found
+
+
+def _is_alias(operation) -> bool:
+    returns = operation._schema.returns
+    return bool(returns) and all(r.alias_info is not None and not r.alias_info.is_write for r in returns)
+
+
+class CostCounter(TorchDispatchMode):
+    """Counts ATen operations, attributed to the innermost region entered."""
+
+    def __init__(self):
+        super().__init__()
+        self.regions = ["model"]
+        self.costs: dict = defaultdict(Cost)
+
+    def __torch_dispatch__(self, operation, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = operation(*args, **kwargs)
+        cost = self.costs[self.regions[-1]]
+        if operation in SYNC_OPERATIONS:
+            cost.syncs += 1
+        elif not _is_alias(operation):
+            cost.kernels += 1
+            cost.bytes += sum(t.numel() * t.element_size() for t in _tensors([args, kwargs, result]))
+        return result
+
+
+class Region:
+    def __init__(self, counter: CostCounter, name):
+        self.counter, self.name = counter, name
+
+    def __enter__(self):
+        self.counter.regions.append(self.name)
+
+    def __exit__(self, *exc):
+        self.counter.regions.pop()
+
+
+def count_run(image_side: int, text_tokens: int, steps: int, blocks: tuple[int, int]):
+    """Per (evaluation, block) costs of the pack and the block, and which evaluations were computed."""
+    load_pack()
+    runtime = sys.modules[f"{PACK_NAME}.nodes.runtime"]
+    rfc_core = sys.modules[f"{PACK_NAME}.rfc_core"]
+    adapter = sys.modules[f"{PACK_NAME}.nodes.adapters"].adapter_for("flux")
+    torch.manual_seed(0)
+    model = TinyFlux({**FLUX_DEV, "depth": blocks[0], "depth_single_blocks": blocks[1]})
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0, 0.02)
+    model = model.to(torch.bfloat16)
+    # Forced caching: two warm-up evaluations, then two predicted and one computed.
+    config = rfc_core.CacheConfig(threshold=10.0, max_skip=2)
+    settings = runtime.CacheSettings(config, "flux", "blocks", adapter, ("double_block", 0), None)
+    sigmas = torch.linspace(1, 0, steps + 1)
+    session = runtime.SamplingSession(settings, model, None, sigmas.tolist())
+    counter = CostCounter()
+    evaluation = [0]
+
+    def counted_entry(key):
+        entry = runtime.CachedBlock(*key)
+
+        def call(args, extra):
+            original = extra["original_block"]
+
+            def block(block_args):
+                with Region(counter, ("block", evaluation[0], key)):
+                    return original(block_args)
+
+            with Region(counter, ("pack", evaluation[0], key)):
+                return entry(args, {"original_block": block})
+        return call
+
+    replace = {key: counted_entry(key) for key in adapter.block_keys(model)}
+    options = {"patches_replace": {"dit": replace}, runtime.SESSION_KEY: session, "cond_or_uncond": [0]}
+    channels = FLUX_DEV["in_channels"]
+    x = torch.randn(1, channels, image_side, image_side, dtype=torch.bfloat16)
+    context = torch.randn(1, text_tokens, FLUX_DEV["context_in_dim"], dtype=torch.bfloat16)
+    pooled = torch.randn(1, FLUX_DEV["vec_in_dim"], dtype=torch.bfloat16)
+    with torch.no_grad(), counter:
+        for step in range(steps):
+            evaluation[0] = step
+            with Region(counter, ("evaluation", step, None)):
+                session.start_evaluation(float(sigmas[step]))
+            x = x - 0.01 * model(x, sigmas[step:step + 1].to(torch.bfloat16), context, pooled, options)
+    session.finish()
+    computed = [e.computed for e in session.run.evaluations]
+    return counter.costs, computed, adapter.block_keys(model)
+
+
+def _mean(entries) -> Cost:
+    entries = list(entries)
+    total = Cost()
+    for entry in entries:
+        total = total.add(entry)
+    return Cost(total.kernels / len(entries), total.bytes / len(entries), total.syncs / len(entries))
+
+
+def summarise(costs, computed, keys) -> dict[str, Cost]:
+    """Mean costs per kind of block and per evaluation after the warm-up, bytes as counted."""
+    later = keys[1:]  # the first block also takes the evaluation's decision
+    evaluations = range(2, len(computed))
+    skipped = _mean(costs[("pack", e, key)] for e in evaluations if not computed[e] for key in later)
+    full = _mean(costs[("pack", e, key)] for e in evaluations if computed[e] for key in later)
+    # The decision: what the first block and the start of the evaluation
+    # cost beyond what any other block in the same state costs.
+    decision = _mean(costs[("pack", e, keys[0])].add(costs[("evaluation", e, None)])
+                     .add(full if computed[e] else skipped, scale=-1.0) for e in evaluations)
+    plain = _mean(costs[("block", e, key)] for e in evaluations if computed[e] for key in later)
+    return {"skipped block": skipped, "computed block (pack's share)": full, "evaluation (decision)": decision,
+            "plain block (the block's own work)": plain}
+
+
+def at_flux_dev_size(small: dict[str, Cost], large: dict[str, Cost], tokens: tuple[int, int]) -> dict[str, Cost]:
+    """Costs at FLUX.1-dev's 4608 tokens, bytes in R there. Every operation
+    here reads and writes a fixed part (weights, modulation vectors) and a
+    part linear in the tokens, so two sizes determine the bytes at any
+    size; kernels and syncs do not depend on it (checked)."""
+    target = sum(FLUX_DEV_TOKENS)
+    residual_bytes = target * FLUX_DEV["hidden_size"] * 2
+    scaled = {}
+    for name in small:
+        a, b = small[name], large[name]
+        if (a.kernels, a.syncs) != (b.kernels, b.syncs):
+            raise RuntimeError(f"{name}: the counts change with the token count; extrapolation does not hold")
+        per_token = (b.bytes - a.bytes) / (tokens[1] - tokens[0])
+        scaled[name] = Cost(a.kernels, (a.bytes + per_token * (target - tokens[0])) / residual_bytes, a.syncs)
+    return scaled
+
+
+def block_flops(tokens: int, width: int, mlp_ratio: float, single: bool) -> float:
+    """Matrix-multiply FLOPs of one Flux block over `tokens` tokens."""
+    hidden = int(width * mlp_ratio)
+    attention = 4 * tokens * tokens * width
+    if single:
+        return 2 * tokens * width * (3 * width + hidden) + 2 * tokens * (width + hidden) * width + attention
+    return 2 * tokens * width * (3 * width + width + 2 * hidden) + attention
+
+
+def projection(summary: dict[str, Cost], nfc: int, steps: int = 50) -> tuple[float, float]:
+    """(projected, ideal) time of a `steps`-step run at `nfc` full
+    computations, as a share of the plain run, on the H200 roofline."""
+    tokens = sum(FLUX_DEV_TOKENS)
+    width = FLUX_DEV["hidden_size"]
+    residual_bytes = tokens * width * 2
+    double, single = FLUX_DEV_BLOCKS
+
+    def seconds(cost: Cost, flops: float = 0.0) -> float:
+        return (max(flops / H200_FLOPS, cost.bytes * residual_bytes / H200_BYTES_PER_SECOND)
+                + cost.kernels * KERNEL_LAUNCH_SECONDS + cost.syncs * HOST_SYNC_SECONDS)
+
+    plain = (double * seconds(summary["plain block (the block's own work)"], block_flops(tokens, width, 4.0, False))
+             + single * seconds(summary["plain block (the block's own work)"], block_flops(tokens, width, 4.0, True)))
+    blocks = double + single
+    computed = plain + blocks * seconds(summary["computed block (pack's share)"])
+    skipped = blocks * seconds(summary["skipped block"])
+    decision = seconds(summary["evaluation (decision)"])
+    total = nfc * computed + (steps - nfc) * skipped + steps * decision
+    return total / (steps * plain), nfc / steps
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=8)
+    args = parser.parse_args(argv)
+    text_tokens = 32
+    sizes = (16, 24)  # latent sides: 64 and 144 image tokens
+    summaries, token_counts = [], []
+    for side in sizes:
+        costs, computed, keys = count_run(side, text_tokens, args.steps, (2, 2))
+        summaries.append(summarise(costs, computed, keys))
+        token_counts.append((side // 2) ** 2 + text_tokens)
+    summary = at_flux_dev_size(*summaries, tuple(token_counts))
+    residual_mib = sum(FLUX_DEV_TOKENS) * FLUX_DEV["hidden_size"] * 2 / 2**20
+    print(f"### The pack's own cost at FLUX.1-dev size (3072 wide, bf16, {sum(FLUX_DEV_TOKENS)} tokens; "
+          f"R = one block's residual = {residual_mib:.0f} MiB)")
+    print()
+    print(f"Counted at {token_counts[0]} and {token_counts[1]} tokens; traffic extrapolated to "
+          f"{sum(FLUX_DEV_TOKENS)} (it is affine in the token count), kernels and syncs do not depend on it.")
+    print()
+    print("| per | kernels | traffic (R) | host syncs |")
+    print("|---|---|---|---|")
+    for name, cost in summary.items():
+        print(f"| {name} | {cost.kernels:.0f} | {cost.bytes:.1f} | {cost.syncs:.0f} |")
+    print("| skipped block, physical limit | 1 to 3 | about 4 | 0 |")
+    print()
+    print("### Roofline projection onto an H200, FLUX.1-dev 1024x1024, 50 steps (a model of the counts above, "
+          "not a measurement)")
+    print()
+    print("| NFC | projected time vs plain run | ideal |")
+    print("|---|---|---|")
+    for nfc in (10, 14):
+        projected, ideal = projection(summary, nfc)
+        print(f"| {nfc} | {projected:.2f} | {ideal:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -74,6 +74,23 @@ def chunk_identity(transformer_options: dict, first_stream: torch.Tensor) -> Has
             tuple(str(uuid) for uuid in transformer_options.get("uuids") or ()), tuple(first_stream.shape))
 
 
+def reference_tokens(args: dict) -> int:
+    """Tokens of the reference images ComfyUI appended to the end of the image
+    stream (Kontext-style edit models), from the block's transformer options."""
+    return sum((args.get("transformer_options") or {}).get("reference_image_num_tokens") or ())
+
+
+def modulate_rows(normed: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, tail_tokens: int) -> torch.Tensor:
+    """`normed * (1 + scale) + shift` with (batch, rows, dim) modulation: one
+    row for every token, or two, the second for the last `tail_tokens` (the
+    reference tokens edit models modulate at timestep zero)."""
+    if scale.shape[1] == 1:
+        return torch.addcmul(shift, normed, 1 + scale)
+    head = normed.shape[1] - tail_tokens
+    return torch.cat((torch.addcmul(shift[:, :1], normed[:, :head], 1 + scale[:, :1]),
+                      torch.addcmul(shift[:, 1:2], normed[:, head:], 1 + scale[:, 1:2])), dim=1)
+
+
 def blocks_of(container) -> list[torch.nn.Module]:
     if container is None:
         return []

@@ -17,24 +17,7 @@ reference tokens, the last tokens of the image stream, take the second.
 
 from __future__ import annotations
 
-import torch
-
-from .base import BlockAdapter, BlockGroup
-
-
-def modulate_rows(normed: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, tail_tokens: int) -> torch.Tensor:
-    """`normed * (1 + scale) + shift` with (batch, rows, dim) modulation: one
-    row for every token, or two, the second for the last `tail_tokens`."""
-    if scale.shape[1] == 1:
-        return torch.addcmul(shift, normed, 1 + scale)
-    head = normed.shape[1] - tail_tokens
-    return torch.cat((torch.addcmul(shift[:, :1], normed[:, :head], 1 + scale[:, :1]),
-                      torch.addcmul(shift[:, 1:2], normed[:, head:], 1 + scale[:, 1:2])), dim=1)
-
-
-def reference_tokens(args: dict) -> int:
-    """Tokens of the reference images ComfyUI appended to the image stream."""
-    return sum((args.get("transformer_options") or {}).get("reference_image_num_tokens") or ())
+from .base import BlockAdapter, BlockGroup, modulate_rows, reference_tokens
 
 
 class _FluxLikeAdapter(BlockAdapter):

@@ -10,10 +10,7 @@ reference tokens.
 
 from __future__ import annotations
 
-import torch
-
-from .base import BlockAdapter, BlockGroup
-from .flux import reference_tokens
+from .base import BlockAdapter, BlockGroup, modulate_rows, reference_tokens
 
 
 class QwenImageAdapter(BlockAdapter):
@@ -27,13 +24,9 @@ class QwenImageAdapter(BlockAdapter):
         # img_mod gives 6 chunks: shift, scale, gate for attention, then for the MLP.
         attention_modulation = block.img_mod(args["vec"]).chunk(2, dim=-1)[0]
         shift, scale, _ = attention_modulation.chunk(3, dim=-1)
-        normed = block.img_norm1(img)
-        batch = img.shape[0]
-        if shift.shape[0] == batch:
-            return torch.addcmul(shift.unsqueeze(1), normed, 1 + scale.unsqueeze(1))
-        head = img.shape[1] - reference_tokens(args)
-        return torch.cat((torch.addcmul(shift[:batch, None], normed[:, :head], 1 + scale[:batch, None]),
-                          torch.addcmul(shift[batch:, None], normed[:, head:], 1 + scale[batch:, None])), dim=1)
+        # As (batch, rows, dim) views: one row, or the two halves of the doubled batch.
+        shift, scale = (t.unflatten(0, (-1, img.shape[0])).transpose(0, 1) for t in (shift, scale))
+        return modulate_rows(block.img_norm1(img), scale, shift, reference_tokens(args))
 
 
 ADAPTERS = (QwenImageAdapter(),)

@@ -112,21 +112,22 @@ class Region:
         self.counter.regions.pop()
 
 
-def count_run(image_side: int, text_tokens: int, steps: int, blocks: tuple[int, int]):
-    """Per (evaluation, block) costs of the pack and the block, and which evaluations were computed."""
+def count_run(image_side: int, text_tokens: int, steps: int, blocks: tuple[int, int], config: dict = FLUX_DEV):
+    """Per (evaluation, block) costs of the pack and the block, and which
+    evaluations were computed, for a Flux of `config`'s widths."""
     load_pack()
     runtime = sys.modules[f"{PACK_NAME}.nodes.runtime"]
     rfc_core = sys.modules[f"{PACK_NAME}.rfc_core"]
     adapter = sys.modules[f"{PACK_NAME}.nodes.adapters"].adapter_for("flux")
     torch.manual_seed(0)
-    model = TinyFlux({**FLUX_DEV, "depth": blocks[0], "depth_single_blocks": blocks[1]})
+    model = TinyFlux({**config, "depth": blocks[0], "depth_single_blocks": blocks[1]})
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.normal_(0, 0.02)
     model = model.to(torch.bfloat16)
     # Forced caching: two warm-up evaluations, then two predicted and one computed.
-    config = rfc_core.CacheConfig(threshold=10.0, max_skip=2)
-    settings = runtime.CacheSettings(config, "flux", "blocks", adapter, ("double_block", 0), None)
+    cache_config = rfc_core.CacheConfig(threshold=10.0, max_skip=2)
+    settings = runtime.CacheSettings(cache_config, "flux", "blocks", adapter, ("double_block", 0), None)
     sigmas = torch.linspace(1, 0, steps + 1)
     session = runtime.SamplingSession(settings, model, None, sigmas.tolist())
     counter = CostCounter()
@@ -148,10 +149,9 @@ def count_run(image_side: int, text_tokens: int, steps: int, blocks: tuple[int, 
 
     replace = {key: counted_entry(key) for key in adapter.block_keys(model)}
     options = {"patches_replace": {"dit": replace}, runtime.SESSION_KEY: session, "cond_or_uncond": [0]}
-    channels = FLUX_DEV["in_channels"]
-    x = torch.randn(1, channels, image_side, image_side, dtype=torch.bfloat16)
-    context = torch.randn(1, text_tokens, FLUX_DEV["context_in_dim"], dtype=torch.bfloat16)
-    pooled = torch.randn(1, FLUX_DEV["vec_in_dim"], dtype=torch.bfloat16)
+    x = torch.randn(1, config["in_channels"], image_side, image_side, dtype=torch.bfloat16)
+    context = torch.randn(1, text_tokens, config["context_in_dim"], dtype=torch.bfloat16)
+    pooled = torch.randn(1, config["vec_in_dim"], dtype=torch.bfloat16)
     with torch.no_grad(), counter:
         for step in range(steps):
             evaluation[0] = step

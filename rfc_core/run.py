@@ -24,10 +24,10 @@ from .storage import FeatureStorage
 
 
 def relative_l1(actual: torch.Tensor, forecast: torch.Tensor) -> float:
-    denominator = actual.abs().float().sum().item()
-    if denominator == 0.0:
-        return 0.0
-    return (actual - forecast).abs().float().sum().item() / denominator
+    """||actual - forecast||_1 / ||actual||_1, both sums brought to the host
+    together: one device sync for the decision instead of two."""
+    difference, size = torch.stack(((actual - forecast).abs().float().sum(), actual.abs().float().sum())).tolist()
+    return 0.0 if size == 0.0 else difference / size
 
 
 @dataclass

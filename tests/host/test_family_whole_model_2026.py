@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from family_harness import FORCED, FamilyContract, FamilySpec, rfc
-from tiny_models import comfyui_version
+from tiny_models import build
 
 
 def _text(width: int, tokens: int = 8, **extras):
@@ -93,31 +93,15 @@ STABLE_AUDIO3 = FamilySpec(
 )
 
 
-def build_stable_audio3(spec: FamilySpec):
-    """`tiny_models.build` with the seconds_total embedder weights
-    StableAudio3's model loads strictly at construction."""
+def seconds_total_weights() -> dict:
+    """The seconds_total embedder weights Stable Audio 3's model loads
+    strictly while it is built; zeros, the random fill replaces them."""
     import comfy.ldm.audio.embedders
-    import comfy.model_management
-    import comfy.model_patcher
-    import comfy.supported_models
 
-    from benchmarks.host import complete_params
-
-    if not hasattr(comfy.supported_models, spec.config_class):
-        pytest.skip(f"{spec.config_class}: not in this ComfyUI ({comfyui_version()})")
     embedder = comfy.ldm.audio.embedders.NumberConditioner(768, min_val=0, max_val=384,
                                                            fourier_features_type="expo")
-    state_dict = {f"conditioner.conditioners.seconds_total.{key}": torch.zeros_like(value)
-                  for key, value in embedder.state_dict().items()}
-    model_config = getattr(comfy.supported_models, spec.config_class)(complete_params(spec.unet_config))
-    model_config.set_inference_dtype(torch.float32, None)
-    model = model_config.get_model(state_dict)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
-    device = comfy.model_management.get_torch_device()
-    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
+    return {f"conditioner.conditioners.seconds_total.{key}": torch.zeros_like(value)
+            for key, value in embedder.state_dict().items()}
 
 
 # --- MiniMaxH3 -------------------------------------------------------------
@@ -245,7 +229,7 @@ class TestStableAudio3(FamilyContract):
 
     @pytest.fixture(scope="class")
     def model(self, comfy):
-        patcher = build_stable_audio3(self.spec)
+        patcher = build(self.spec.config_class, self.spec.unet_config, checkpoint=seconds_total_weights)
         self.spec.prepare(patcher.model.diffusion_model)
         return patcher
 
@@ -255,8 +239,6 @@ class TestMiniMaxH3(FamilyContract):
     never batches cond with uncond, so cfg 3 runs at batch 1."""
 
     spec = MINIMAX_H3
-    BATCH_ONE = "MiniMaxH3: ComfyUI's MiniMaxH3Model takes batch 1 only; cfg 3 is run at batch 1 instead"
-
     @pytest.mark.parametrize("cfg,batch", [(1.0, 1), (3.0, 1)])
     def test_cache_that_never_skips_is_bit_identical(self, model, nodes, cfg, batch):
         super().test_cache_that_never_skips_is_bit_identical(model, nodes, cfg, batch)

@@ -28,10 +28,13 @@ CHROMA_CONFIG = {
 }
 
 
-def build(config_class_name: str, unet_config: dict, seed: int = 0, overrides: dict | None = None):
+def build(config_class_name: str, unet_config: dict, seed: int = 0, overrides: dict | None = None,
+          checkpoint=None):
     """A tiny random-weight model of `comfy.supported_models.<config_class_name>`.
     overrides: set on the config after it is made, for families whose config
-    class forces full-size values over the ones given (JoyImage's rope axes)."""
+    class forces full-size values over the ones given (JoyImage's rope axes).
+    checkpoint(): weights the model loads while it is built (Stable Audio 3's
+    seconds embedder), called once the class is known to exist."""
     import comfy.model_management
     import comfy.model_patcher
     import comfy.supported_models
@@ -43,7 +46,7 @@ def build(config_class_name: str, unet_config: dict, seed: int = 0, overrides: d
     model_config = getattr(comfy.supported_models, config_class_name)(complete_params(unet_config))
     model_config.unet_config.update(overrides or {})
     model_config.set_inference_dtype(torch.float32, None)
-    model = model_config.get_model({})
+    model = model_config.get_model(checkpoint() if checkpoint is not None else {})
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for parameter in model.parameters():

@@ -81,6 +81,15 @@ def _is_alias(operation) -> bool:
     return bool(returns) and all(r.alias_info is not None and not r.alias_info.is_write for r in returns)
 
 
+def traffic(operation, args, kwargs, result) -> int:
+    """Bytes an operation reads and writes: its inputs, then its outputs. An
+    `out=` tensor is only written, and so is the target of a copy (an
+    in-place update reads and writes its target)."""
+    inputs = list(args[1:]) if operation is torch.ops.aten.copy_.default else list(args)
+    inputs += [value for name, value in kwargs.items() if name != "out"]
+    return sum(t.numel() * t.element_size() for t in _tensors(inputs) + _tensors([result]))
+
+
 class CostCounter(TorchDispatchMode):
     """Counts ATen operations, attributed to the innermost region entered."""
 
@@ -97,7 +106,7 @@ class CostCounter(TorchDispatchMode):
             cost.syncs += 1
         elif not _is_alias(operation):
             cost.kernels += 1
-            cost.bytes += sum(t.numel() * t.element_size() for t in _tensors([args, kwargs, result]))
+            cost.bytes += traffic(operation, args, kwargs, result)
         return result
 
 
@@ -119,6 +128,7 @@ def count_run(image_side: int, text_tokens: int, steps: int, blocks: tuple[int, 
     runtime = sys.modules[f"{PACK_NAME}.nodes.runtime"]
     rfc_core = sys.modules[f"{PACK_NAME}.rfc_core"]
     adapter = sys.modules[f"{PACK_NAME}.nodes.adapters"].adapter_for("flux")
+    flux_adapter_module = sys.modules[f"{PACK_NAME}.nodes.adapters.flux"]
     torch.manual_seed(0)
     model = TinyFlux({**config, "depth": blocks[0], "depth_single_blocks": blocks[1]})
     with torch.no_grad():
@@ -152,12 +162,30 @@ def count_run(image_side: int, text_tokens: int, steps: int, blocks: tuple[int, 
     x = torch.randn(1, config["in_channels"], image_side, image_side, dtype=torch.bfloat16)
     context = torch.randn(1, text_tokens, config["context_in_dim"], dtype=torch.bfloat16)
     pooled = torch.randn(1, config["vec_in_dim"], dtype=torch.bfloat16)
-    with torch.no_grad(), counter:
-        for step in range(steps):
-            evaluation[0] = step
-            with Region(counter, ("evaluation", step, None)):
-                session.start_evaluation(float(sigmas[step]))
-            x = x - 0.01 * model(x, sigmas[step:step + 1].to(torch.bfloat16), context, pooled, options)
+    # Module inputs are sampled with the token strides the adapter takes at
+    # FLUX.1-dev size (every 16th image token in double blocks, every 18th
+    # joint token in single blocks), so their traffic extrapolates.
+    image_tokens = (image_side // 2) ** 2
+    dev_strides = {image_tokens: flux_adapter_module.token_stride(FLUX_DEV_TOKENS[0]),
+                   image_tokens + text_tokens: flux_adapter_module.token_stride(sum(FLUX_DEV_TOKENS))}
+    original_stride = flux_adapter_module.token_stride
+    flux_adapter_module.token_stride = dev_strides.__getitem__
+    try:
+        with torch.no_grad(), counter:
+            for step in range(steps):
+                evaluation[0] = step
+                timestep = sigmas[step:step + 1]
+                # What the pack's CALC_COND_BATCH wrapper does around each evaluation.
+                with Region(counter, ("evaluation", step, None)):
+                    session.start_evaluation(timestep)
+                output = model(x, timestep.to(torch.bfloat16), context, pooled, options)
+                with Region(counter, ("evaluation", step, None)):
+                    recompute = session.prediction_unusable([output])
+                if recompute:
+                    output = model(x, timestep.to(torch.bfloat16), context, pooled, options)
+                x = x - 0.01 * output
+    finally:
+        flux_adapter_module.token_stride = original_stride
     session.finish()
     computed = [e.computed for e in session.run.evaluations]
     return counter.costs, computed, adapter.block_keys(model)
@@ -256,7 +284,7 @@ def main(argv=None) -> None:
     print("| per | kernels | traffic (R) | host syncs |")
     print("|---|---|---|---|")
     for name, cost in summary.items():
-        print(f"| {name} | {cost.kernels:.0f} | {cost.bytes:.1f} | {cost.syncs:.0f} |")
+        print(f"| {name} | {cost.kernels:.3g} | {cost.bytes:.1f} | {cost.syncs:.3g} |")
     print("| skipped block, physical limit | 1 to 3 | about 4 | 0 |")
     print()
     print("### Roofline projection onto an H200, FLUX.1-dev 1024x1024, 50 steps (a model of the counts above, "

@@ -4,7 +4,7 @@ Everything reaches ComfyUI through its extension points only:
 - an OUTER_SAMPLE wrapper opens a `SamplingSession` for the run and closes
   it in `finally`, so an interrupted run leaves nothing behind;
 - a CALC_COND_BATCH wrapper marks the start of each model evaluation (once per
-  evaluation, however the conditionings are chunked);
+  evaluation, however the conditionings are chunked) and checks its output;
 - an APPLY_MODEL wrapper makes the session reachable from every block of
   the model call (some families pass blocks no transformer options) and, at
   whole-model granularity, is itself the cached module;
@@ -14,15 +14,16 @@ The session lives in a copy of the guider's model options made for this run,
 so two runs, or two clones of one patched model, never share state.
 
 Faults never cost the image:
-- an exception inside the cache logic is logged once and the rest of the
-  run is computed in full (the block that raised is computed too);
-- inf or NaN never enters or leaves the cache. A predicted residual with a
-  non-finite value is discarded and the block computed instead (fp16
-  divided differences over close sigmas can overflow). A computed residual
-  or module input with one is not kept: that module's history in that chunk
-  is dropped, so nothing is ever extrapolated from or across it, and the
-  module is computed until it has finite history again. Either is said
-  once per run, as a warning.
+- an exception inside the cache logic is logged once, with the traceback at
+  DEBUG; block caching falls back to caching the whole model call, and a
+  fault there computes the rest of the run in full (the block or call that
+  raised is computed too);
+- inf or NaN from the cache never reaches the sampler. Nothing is checked
+  per block (a check there is a host sync per block); instead the output of
+  every evaluation that used predictions is checked once, and if it is not
+  finite that evaluation is computed again in full and every cached module
+  holding inf or NaN is dropped. Said once per run, as a warning. A NaN the
+  model itself makes is the model's: the uncached run has it too.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ from ..rfc_core import CacheConfig, RFCRun
 from ..rfc_core.run import format_bytes
 from ..rfc_core.storage import FeatureStorage, should_offload, storage_for
 from .adapters import REPLACE, BlockAdapter
-from .adapters.base import chunk_identity, pack, unpack
+from ..rfc_core.history import flat
+from .adapters.base import batch_first, chunk_identity, pack
 
 logger = logging.getLogger("ComfyUI-RFC")
 
@@ -144,10 +146,11 @@ class SamplingSession:
     def caches_model(self) -> bool:
         return not self.caching_off and self.granularity == "model"
 
-    def start_evaluation(self, sigma: float) -> None:
+    def start_evaluation(self, timestep) -> None:
+        """timestep: the sampler's sigma tensor (read only when needed) or a number."""
         if len(self.run.evaluations) == 1 and self.settings.config.cache_device == "auto" and not self.caching_off:
             self._offload_if_needed()
-        self.run.start_evaluation(sigma)
+        self.run.start_evaluation(timestep)
 
     def _offload_if_needed(self) -> None:
         """cache_device auto, after the first evaluation: the cache holds one
@@ -195,51 +198,32 @@ class SamplingSession:
         self.run.switch_off("not cached")
         self.fault_notes.append(f"not cached: {reason}")
 
-    def _warn_non_finite(self, module: str, what: str) -> None:
+    def prediction_unusable(self, output) -> bool:
+        """After an evaluation: whether its output, built from predictions,
+        has inf or NaN in it (fp16 extrapolation can overflow, a cached
+        feature can hold a NaN the model once made). Then the evaluation is
+        counted as computed, every cached module holding such values is
+        dropped, and True tells the caller to compute it again in full: a
+        prediction never costs the image. One host sync per predicted
+        evaluation, none per block and none on computed evaluations."""
+        if not self.run.predicting or self.caching_off:
+            return False
+        try:
+            leaves = tensor_leaves(output)
+            if bool(torch.stack([torch.isfinite(leaf).all() for leaf in leaves]).all()):
+                return False
+            dropped = self.run.drop_non_finite()
+        except Exception:
+            self.fail("checking the predicted output")
+            self.run.recompute_current("computed again after a fault")
+            return True
+        self.run.recompute_current("computed again: the prediction had inf or NaN")
         if not self.warned_non_finite:
-            sigma = self.run.current.sigma if self.run.current is not None else float("nan")
-            logger.warning("RFC: %s at sigma %.4g: %s (said once per run)", module, sigma, what)
+            logger.warning("RFC: the predicted output at sigma %.4g has inf or NaN values; that evaluation is "
+                           "computed again in full, and %d cached module(s) holding such values were dropped "
+                           "(said once per run)", self.run.current.sigma, dropped)
         self.warned_non_finite = True
-
-    def _predicted_residual(self, chunk_key, module_key, module_input, module: str) -> torch.Tensor | None:
-        residual = self.run.predict(chunk_key, module_key, module_input)
-        if residual is None or bool(torch.isfinite(residual).all()):
-            return residual
-        # Not used: the counters count what reached the model.
-        self.run.modules_predicted -= 1
-        self._warn_non_finite(module, "the predicted output has inf or NaN values; it is discarded and the "
-                                      "block computed")
-        return None
-
-    def _predicted_residuals(self, chunk_key, units, module_inputs, module: str) -> list | None:
-        """One predicted residual per unit, or None when the block must be
-        computed (one unit that cannot be predicted is enough). The counters
-        count the block once, however many units it has."""
-        residuals = []
-        for unit_key, _ in units:
-            residual = self._predicted_residual(chunk_key, unit_key, module_inputs.get(unit_key), module)
-            if residual is None:
-                self.run.modules_predicted -= len(residuals)
-                return None
-            residuals.append(residual)
-        self.run.modules_predicted -= len(residuals) - 1
-        return residuals
-
-    def _record(self, chunk_key, module_key, module_input, residual: torch.Tensor, module: str) -> None:
-        self.run.record(chunk_key, module_key, module_input, residual)
-        finite = torch.isfinite(residual).all()
-        if module_input is not None:
-            finite = finite & torch.isfinite(module_input).all()
-        if bool(finite):  # one device sync per computed block
-            return
-        chunk = self.run.chunks.get(chunk_key)
-        if chunk is None:  # recorded outside an evaluation: nothing was kept
-            return
-        chunk.modules.pop(module_key, None)
-        if module_key == self.run.first_module:
-            chunk.first_input = None
-        self._warn_non_finite(module, "the computed output or module input has inf or NaN values; it is not "
-                                      "cached, and the block is computed until it is finite again")
+        return True
 
     def run_block(self, kind: str, index: int, args: dict, compute, transformer_options: dict) -> dict:
         """Predict or compute one block. `compute(args)` runs the real block and
@@ -276,41 +260,65 @@ class SamplingSession:
 
     def _run_block(self, kind: str, index: int, args: dict, compute, transformer_options: dict) -> dict:
         adapter = self.adapter
+        run = self.run
         group = adapter.group(kind)
+        batch_dim = group.batch_dim
         block_key = (kind, index)
         module = f"{kind} {index}"
         try:
             inputs = adapter.read_streams(kind, args)
             names = self.returned_streams.get(block_key)
-            if names is None:
+            # Until a block has run once it is not known which streams it
+            # returns (SD3's last block drops its text stream).
+            returns_known = names is not None
+            if not returns_known:
                 names = tuple(name for name in group.streams if _non_empty(inputs[name]))
             chunk_key = chunk_identity(transformer_options, inputs[group.streams[0]])
             units = self._units(kind, index, names)
             module_inputs = self._module_inputs(kind, index, args, units)
-            # Packed before the block runs: some blocks update their inputs in place.
-            packed_inputs = [pack([inputs[name] for name in unit_names], group.batch_dim) for _, unit_names in units]
-            residuals = self._predicted_residuals(chunk_key, units, module_inputs, module)
-            if residuals is not None:
+            if all(run.predicts(chunk_key, unit_key, module_inputs.get(unit_key)) for unit_key, _ in units):
                 predicted = dict(inputs)  # streams that are not cached pass through
-                for (_, unit_names), packed, residual in zip(units, packed_inputs, residuals):
-                    like = [inputs[name] for name in unit_names]
-                    predicted.update(zip(unit_names, unpack(packed + residual, like, group.batch_dim)))
+                for unit_key, unit_names in units:
+                    bases = [batch_first(inputs[name], batch_dim) for name in unit_names]
+                    outputs = run.predict_onto(chunk_key, unit_key, module_inputs.get(unit_key), bases)
+                    for name, base, value in zip(unit_names, bases, outputs):
+                        predicted[name] = value.view(base.shape).movedim(0, batch_dim)
+                run.modules_predicted += 1
+                run.current.predicted_modules += 1
                 return adapter.write_streams(kind, predicted)
+            # The block's inputs are kept before it runs: blocks may update
+            # them in place (Flux's do). Straight into the cache's slots,
+            # where the residual is then formed in place.
+            in_slots = returns_known and run.storage.device is None and run.records()
+            kept = []
+            for unit_key, unit_names in units:
+                streams = [flat(batch_first(inputs[name], batch_dim)) for name in unit_names]
+                targets = (run.reserve(chunk_key, unit_key, streams) if in_slots
+                           else [torch.empty_like(stream) for stream in streams])
+                for target, stream in zip(targets, streams):
+                    target.copy_(stream)
+                kept.append(targets)
         except Exception:
             self.fail(f"predicting {module}")
             return compute(args)
         output = compute(args)
+        run.modules_computed += 1
         try:
             returned_streams = adapter.read_streams(kind, output)
+            if in_slots:
+                for (unit_key, unit_names), targets in zip(units, kept):
+                    for name, target in zip(unit_names, targets):
+                        torch.sub(flat(batch_first(returned_streams[name], batch_dim)), target, out=target)
+                    run.commit(chunk_key, unit_key, module_inputs.get(unit_key))
+                return output
             returned = tuple(name for name in names if returned_streams.get(name) is not None)
-            if returned != names:
-                self.returned_streams[block_key] = returned
-                packed_inputs = _select_units(units, packed_inputs, inputs, returned, group.batch_dim)
-                units = self._units(kind, index, returned)
-            for (unit_key, unit_names), packed in zip(units, packed_inputs):
-                packed_output = pack([returned_streams[name] for name in unit_names], group.batch_dim)
-                self._record(chunk_key, unit_key, module_inputs.get(unit_key), packed_output - packed, module)
-            self.run.modules_computed -= len(units) - 1
+            self.returned_streams[block_key] = returned
+            kept_by_name = {name: target for (_, unit_names), targets in zip(units, kept)
+                            for name, target in zip(unit_names, targets)}
+            for unit_key, unit_names in self._units(kind, index, returned):
+                residuals = [flat(batch_first(returned_streams[name], batch_dim)) - kept_by_name[name]
+                             for name in unit_names]
+                run.store(chunk_key, unit_key, module_inputs.get(unit_key), residuals)
         except Exception:
             self.fail(f"recording {module}")
         return output
@@ -319,27 +327,29 @@ class SamplingSession:
         """Whole-model granularity: the model call is the one cached module,
         the noisy latent its input, the denoised latent minus it the residual.
         A latent of several tensors (ComfyUI's NestedTensor of video and
-        audio, or a list) is cached as all of them together."""
-        module = "the model call"
+        audio, or a list) is cached as all of them together, one stream each."""
+        run = self.run
         try:
             leaves = tensor_leaves(x)
             chunk_key = chunk_identity(transformer_options, leaves[0])
-            packed_input = pack(leaves)
-            residual = self._predicted_residual(chunk_key, MODEL_MODULE, packed_input, module)
-            if residual is not None:
-                return rebuild_leaves(x, unpack(packed_input + residual, leaves))
+            module_input = pack(leaves) if run.needs_module_input(MODEL_MODULE) else None
+            if run.predicts(chunk_key, MODEL_MODULE, module_input):
+                outputs = run.predict_onto(chunk_key, MODEL_MODULE, module_input, leaves)
+                run.modules_predicted += 1
+                run.current.predicted_modules += 1
+                return rebuild_leaves(x, [value.view(leaf.shape) for value, leaf in zip(outputs, leaves)])
+            kept = [leaf.clone() for leaf in leaves]
         except Exception:
             self.fail("predicting the model output")
             return compute()
         output = compute()
+        run.modules_computed += 1
         try:
             output_leaves = tensor_leaves(output)
-            packed_output = pack(output_leaves)
-            # A model whose output is not shaped like its input (none of
-            # ComfyUI's today) is cached as its plain output.
-            if [t.shape for t in output_leaves] == [t.shape for t in leaves]:
-                packed_output = packed_output - packed_input.to(packed_output.dtype)
-            self._record(chunk_key, MODEL_MODULE, packed_input, packed_output, module)
+            if [t.shape for t in output_leaves] != [t.shape for t in leaves]:
+                raise TypeError("the model output is not shaped like its input")
+            residuals = [flat(value) - flat(leaf).to(value.dtype) for value, leaf in zip(output_leaves, kept)]
+            run.store(chunk_key, MODEL_MODULE, module_input, residuals)
         except Exception:
             self.fail("recording the model output")
         return output
@@ -395,21 +405,6 @@ def rebuild_leaves(like, leaves: list[torch.Tensor]):
         return rebuilt
 
     return build(like)
-
-
-def _select_units(units, packed_inputs, inputs, keep, batch_dim: int) -> list[torch.Tensor]:
-    """The packed inputs of the streams the block returned, unit by unit."""
-    selected = []
-    for (_, unit_names), packed in zip(units, packed_inputs):
-        if not any(name in keep for name in unit_names):
-            continue
-        selected.append(_select_streams(packed, [inputs[name] for name in unit_names], unit_names, keep, batch_dim))
-    return selected
-
-
-def _select_streams(packed: torch.Tensor, inputs: list[torch.Tensor], names, keep, batch_dim: int) -> torch.Tensor:
-    parts = torch.split(packed, [t.numel() // t.shape[batch_dim] for t in inputs], dim=1)
-    return torch.cat([part for name, part in zip(names, parts) if name in keep], dim=1)
 
 
 def summary_message(node_id: str, summary: str, run: RFCRun) -> dict:
@@ -642,10 +637,13 @@ def calc_cond_batch_wrapper(executor, *args, **kwargs):
                 session.leave_uncached(reason)
         timestep = kwargs.get("timestep", args[3] if len(args) > 3 else None)
         try:
-            session.start_evaluation(float(timestep.flatten()[0]))
+            session.start_evaluation(timestep)
         except Exception:
             session.fail("reading the timestep")
-    return executor(*args, **kwargs)
+    output = executor(*args, **kwargs)
+    if session is not None and session.prediction_unusable(output):
+        output = executor(*args, **kwargs)
+    return output
 
 
 def apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,

@@ -2,12 +2,12 @@
 
 from .config import CACHE_DEVICES, CACHE_DTYPES, RANGES, SCHEDULERS, CacheConfig, check_range
 from .estimators import ESTIMATORS, RelationalEstimator, ReuseEstimator, TaylorEstimator, make_estimator
-from .newton import NewtonHistory
+from .history import FeatureHistory, lagrange_weights
 from .run import RFCRun
 from .schedulers import FixedIntervalScheduler, RelationalScheduler
 
 __all__ = [
     "CacheConfig", "CACHE_DEVICES", "CACHE_DTYPES", "RANGES", "SCHEDULERS", "check_range",
     "ESTIMATORS", "RelationalEstimator", "ReuseEstimator", "TaylorEstimator", "make_estimator",
-    "NewtonHistory", "RFCRun", "FixedIntervalScheduler", "RelationalScheduler",
+    "FeatureHistory", "lagrange_weights", "RFCRun", "FixedIntervalScheduler", "RelationalScheduler",
 ]

@@ -1,30 +1,42 @@
 """Estimators: what a cached module's output is taken to be on a skipped step.
 
 Every estimator works on a module's *residual* (output minus input), flattened
-per sample to shape (batch, features). Caching the residual rather than the
-block output keeps the running hidden state, which on a skipped step is built
-from the predictions of the blocks before, as the base that the prediction is
-added to: the same arrangement the paper has for its attention and MLP branches.
+per sample to shape (batch, features), one tensor per stream the module
+updates. Caching the residual rather than the block output keeps the running
+hidden state, which on a skipped step is built from the predictions of the
+blocks before, as the base that the prediction is added to: the same
+arrangement the paper has for its attention and MLP branches.
+
+Each estimator predicts by a weight per cached value (rfc_core.history), so
+a skipped module costs one fused matmul per stream, and the weights are
+either python numbers or, for RFE, a (batch, 1, slots) tensor made by a few
+kernels on per-sample norms: nothing waits for the device.
 """
 
 from __future__ import annotations
 
+import math
+from typing import Sequence
+
 import torch
 
-from .newton import NewtonHistory
+from .history import FeatureHistory, WeightBank, flat
 from .storage import FeatureStorage
 
-# Below this norm a direction or an input change is treated as zero.
+# Below this norm an input change is treated as zero.
 _TINY = 1e-12
 
 
 def per_sample_norm(t: torch.Tensor) -> torch.Tensor:
     """L2 norm over everything but the batch dimension, shaped (batch, 1),
-    accumulated in at least float32 so half-precision features do not overflow."""
-    flat = t.flatten(1)
-    if flat.dtype != torch.float64:
-        flat = flat.float()
-    return torch.linalg.vector_norm(flat, dim=1, keepdim=True)
+    accumulated in at least float32 (no float32 copy is made), so
+    half-precision features do not overflow."""
+    dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+    return torch.linalg.vector_norm(flat(t), dim=1, keepdim=True, dtype=dtype)
+
+
+def _streams(values) -> list[torch.Tensor]:
+    return list(values) if isinstance(values, (list, tuple)) else [values]
 
 
 class TaylorEstimator:
@@ -32,22 +44,49 @@ class TaylorEstimator:
 
     name = "taylor"
 
-    def __init__(self, order: int, storage: FeatureStorage | None = None):
+    def __init__(self, order: int, storage: FeatureStorage | None = None, bank: WeightBank | None = None):
         self.order = order
-        self.history = NewtonHistory(order, storage)
+        self.history = FeatureHistory(order, storage, bank)
 
     @property
     def ready(self) -> bool:
         return len(self.history) > 0
 
-    def update(self, sigma: float, output: torch.Tensor, module_input: torch.Tensor | None) -> None:
-        self.history.push(sigma, output)
+    # Recording. The runtime writes a computed residual straight into the
+    # slot `reserve` returns, then calls `commit`; `update` is the same for
+    # residuals that already exist as tensors.
+    def reserve(self, sigma: float, likes: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return self.history.reserve(sigma, likes)
 
-    def predict(self, sigma: float, module_input: torch.Tensor | None) -> torch.Tensor:
-        return self.history.forecast(sigma)
+    def commit(self, module_input: torch.Tensor | None) -> None:
+        self.history.commit()
+
+    def update(self, sigma: float, residuals, module_input: torch.Tensor | None) -> None:
+        residuals = _streams(residuals)
+        for slot, residual in zip(self.reserve(sigma, residuals), residuals):
+            slot.copy_(flat(residual))
+        self.commit(module_input)
+
+    # Prediction.
+    def weights(self, sigma: float, module_input: torch.Tensor | None):
+        """Per slot: python numbers, or a (batch, 1, slots) device tensor."""
+        return self.history.weights_by_slot(sigma)
+
+    def predict_onto(self, sigma: float, module_input: torch.Tensor | None,
+                     bases: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """base + predicted residual per stream, (batch, features), fused."""
+        return self.history.combine(self.weights(sigma, module_input), bases)
+
+    def predict(self, sigma: float, module_input: torch.Tensor | None):
+        """The predicted residual (a list when the module has several streams)."""
+        predicted = self.history.combine(self.weights(sigma, module_input))
+        return predicted[0] if len(predicted) == 1 else predicted
 
     def relocate(self, storage: FeatureStorage) -> None:
         self.history.relocate(storage)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return self.history.tensors()
 
     def nbytes(self) -> int:
         return self.history.nbytes()
@@ -58,8 +97,8 @@ class ReuseEstimator(TaylorEstimator):
 
     name = "reuse"
 
-    def __init__(self, order: int = 0, storage: FeatureStorage | None = None):
-        super().__init__(0, storage)
+    def __init__(self, order: int = 0, storage: FeatureStorage | None = None, bank: WeightBank | None = None):
+        super().__init__(0, storage, bank)
 
 
 class RelationalEstimator(TaylorEstimator):
@@ -68,8 +107,8 @@ class RelationalEstimator(TaylorEstimator):
     s = |O(t) - O(t+N)| / |I(t) - I(t+N)| is taken from the last two full
     computations, and the prediction is O(t) + s * |I - I(t)| * T / |T| with T
     the Taylor increment. Norms are per sample, so each image in a batch keeps
-    its own gain. Until two full computations exist, or where T or the input
-    change vanishes, it falls back to the Taylor forecast.
+    its own gain. Until two full computations exist, or where the input
+    change vanished, it falls back to the Taylor forecast.
 
     The relational step may shorten Taylor's step but never lengthen it. On a
     skipped step the input is built from a running state that has already
@@ -80,48 +119,114 @@ class RelationalEstimator(TaylorEstimator):
     worse than TaylorSeer in closed loop (20.3 against 29.5 dB at NFC 10,
     order 1) to better (29.7 dB), although teacher-forced RFE beats Taylor
     without any bound.
+
+    With the points the forecast has two of (order 1, or any order right
+    after its history was cut back), T = L1 * (O(t+N) - O(t)) for the
+    Lagrange weight L1 of the older point, so |T| = |L1| * |O(t) - O(t+N)|
+    and the output norms cancel: the step is Taylor's scaled by
+    min(1, |I - I(t)| / (|I(t) - I(t+N)| * |L1|)). Nothing of the output is
+    read to predict it, and only the small module inputs are normed. With
+    more points |T| / |O(t) - O(t+N)| depends on the outputs and is
+    computed from them.
     """
 
     name = "rfe"
 
-    def __init__(self, order: int, storage: FeatureStorage | None = None):
-        super().__init__(order, storage)
-        # As stored (see NewtonHistory.coeffs).
+    def __init__(self, order: int, storage: FeatureStorage | None = None, bank: WeightBank | None = None):
+        super().__init__(order, storage, bank)
+        # As stored (see FeatureHistory.values).
         self.last_input: torch.Tensor | None = None
-        self.gain: torch.Tensor | None = None
+        # (batch, 1, slots) float32: -1 at the newest slot and +1 at the one
+        # before, over |I(t) - I(t+N)| per sample; None until two full
+        # computations with their inputs.
+        self.input_step: torch.Tensor | None = None
+        # |O(t) - O(t+N)| per sample, only kept where the forecast has more than two points.
+        self.output_change: torch.Tensor | None = None
+        self._weights: torch.Tensor | None = None
 
-    def update(self, sigma: float, output: torch.Tensor, module_input: torch.Tensor | None) -> None:
+    def commit(self, module_input: torch.Tensor | None) -> None:
         if module_input is None:
             raise ValueError("RelationalEstimator needs the module input")
-        if self.ready and self.last_input is not None and self.last_input.shape == module_input.shape:
-            output_change = per_sample_norm(output - self.history.newest)
-            input_change = per_sample_norm(module_input - self._last_input(module_input))
-            self.gain = torch.where(input_change > _TINY, output_change / input_change.clamp_min(_TINY),
-                                    torch.full_like(input_change, float("nan")))
-        super().update(sigma, output, module_input)
-        self.last_input = self.history.storage.keep(module_input)
+        super().commit(module_input)
+        history = self.history
+        self.input_step = None
+        if self.last_input is not None and self.last_input.shape == module_input.shape and len(history) >= 2:
+            change = per_sample_norm(module_input - self._last_input(module_input))
+            inverse_change = (1.0 / change.clamp_min(_TINY)).view(-1, 1, 1)
+            # (newest - older slot) / |I(t) - I(t+N)|: the slot weights move
+            # along it by the input change, see `weights`.
+            self.input_step = inverse_change * history.bank.vector(self._along_older(), 1, inverse_change)
+            if self.order >= 2:
+                newest, older = history.slots[:2]
+                self.output_change = torch.cat([
+                    per_sample_norm(values[:, newest] - values[:, older]).square() for values in history.values
+                ], dim=1).sum(dim=1, keepdim=True).sqrt()
+        self.last_input = history.storage.keep(module_input)
+        values = history.values[0]
+        if self._weights is None or self._weights.shape[0] != values.shape[0] or self._weights.dtype != values.dtype:
+            # Where predictions write their weights: allocated once per run, when recording.
+            self._weights = torch.empty((values.shape[0], 1, history.slot_count), dtype=values.dtype,
+                                        device=values.device)
+
+    def _along_older(self) -> list[float]:
+        """Per slot: -1 at the newest point, +1 at the one before it."""
+        by_slot = [0.0] * self.history.slot_count
+        newest, older = self.history.slots[:2]
+        by_slot[newest], by_slot[older] = -1.0, 1.0
+        return by_slot
 
     def _last_input(self, like: torch.Tensor) -> torch.Tensor:
         return self.last_input.to(device=like.device, dtype=like.dtype)
 
-    def predict(self, sigma: float, module_input: torch.Tensor | None) -> torch.Tensor:
-        increment = self.history.increment(sigma)
-        base = self.history.newest
-        if increment is None or self.gain is None or module_input is None:
-            return base if increment is None else base + increment
-        direction_norm = per_sample_norm(increment)
-        magnitude = self.gain * per_sample_norm(module_input - self._last_input(module_input))
-        usable = (direction_norm > _TINY) & torch.isfinite(magnitude)
-        # Where the relation cannot be used, keep Taylor's own step (factor 1).
-        relational = (magnitude / direction_norm.clamp_min(_TINY)).clamp(max=1.0)
-        factor = torch.where(usable, relational, torch.ones_like(magnitude))
-        factor = factor.to(base.dtype).view(-1, *([1] * (base.ndim - 1)))
-        return base + increment * factor
+    def weights(self, sigma: float, module_input: torch.Tensor | None):
+        history = self.history
+        taylor = history.weights_by_slot(sigma)
+        if len(history) < 2 or self.input_step is None or module_input is None:
+            return taylor
+        values = history.values[0]
+        batch = values.shape[0]
+        input_change = per_sample_norm(module_input - self._last_input(module_input)).view(batch, 1, 1)
+        newest, older = history.slots[:2]
+        if len(history) == 2:
+            # With two points Taylor's weights are (1 - L, L) on (newest,
+            # older), L the older point's Lagrange weight, and RFE's are
+            # (1 - s * m, s * m) with s the sign of L and
+            # m = min(|L|, |I - I(t)| / |I(t) - I(t+N)|): the newest weight
+            # plus the input change along `input_step`, clamped at Taylor's.
+            older_weight = taylor[older]
+            if abs(older_weight) <= _TINY:
+                return taylor
+            sign = 1.0 if older_weight > 0 else -1.0
+            low, high = [-math.inf] * history.slot_count, [math.inf] * history.slot_count
+            if sign < 0:
+                low[older], high[newest] = older_weight, 1.0 - older_weight
+            else:
+                high[older], low[newest] = older_weight, 1.0 - older_weight
+            like = self.input_step
+            start = torch.addcmul(history.bank.vector(history.newest_by_slot(), 1, like), input_change,
+                                  self.input_step, value=sign)
+            return torch.clamp(start, min=history.bank.vector(low, 1, like), max=history.bank.vector(high, 1, like),
+                               out=self._weights)
+        # More points: |T| / |O(t) - O(t+N)| depends on the outputs.
+        newest_weights = history.newest_by_slot()
+        direction = [t - n for t, n in zip(taylor, newest_weights)]
+        step = history.combine(direction)
+        step_norm = torch.cat([per_sample_norm(s).square() for s in step], dim=1).sum(dim=1, keepdim=True).sqrt()
+        relative_step = (step_norm / self.output_change.clamp_min(_TINY)).view(batch, 1, 1)
+        # relational = |I - I(t)| / |I(t) - I(t+N)|, read off input_step's older slot.
+        relational = input_change * self.input_step[..., older:older + 1]
+        factor = torch.minimum(relational, relative_step) / relative_step.clamp_min(_TINY)
+        like = factor
+        return torch.addcmul(history.bank.vector(newest_weights, 1, like), factor,
+                             history.bank.vector(direction, 1, like), out=self._weights)
 
     def relocate(self, storage: FeatureStorage) -> None:
         super().relocate(storage)
         if self.last_input is not None:
             self.last_input = storage.keep(self.last_input)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return super().tensors() + ([] if self.last_input is None else [self.last_input])
 
     def nbytes(self) -> int:
         extra = 0 if self.last_input is None else self.last_input.numel() * self.last_input.element_size()
@@ -135,5 +240,6 @@ ESTIMATORS = {
 }
 
 
-def make_estimator(kind: str, order: int, storage: FeatureStorage | None = None) -> TaylorEstimator:
-    return ESTIMATORS[kind](order, storage)
+def make_estimator(kind: str, order: int, storage: FeatureStorage | None = None,
+                   bank: WeightBank | None = None) -> TaylorEstimator:
+    return ESTIMATORS[kind](order, storage, bank)

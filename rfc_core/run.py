@@ -10,6 +10,7 @@ every other chunk follows it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Hashable, Sequence
 
@@ -18,20 +19,15 @@ import torch
 from .budget import EvaluationPlan, SpeedupScheduler
 from .config import CacheConfig
 from .estimators import TaylorEstimator, make_estimator
-from .newton import NewtonHistory
+from .history import FeatureHistory, WeightBank, flat
 from .schedulers import make_scheduler
 from .storage import FeatureStorage
 
 
-def relative_l1(actual: torch.Tensor, forecast: torch.Tensor) -> float:
-    """||actual - forecast||_1 / ||actual||_1, both sums brought to the host
-    together: one device sync for the decision instead of two."""
-    difference, size = torch.stack(((actual - forecast).abs().float().sum(), actual.abs().float().sum())).tolist()
-    return 0.0 if size == 0.0 else difference / size
-
-
 @dataclass
 class Evaluation:
+    # NaN until read from the device (RFCRun.sigma): the decision reads it
+    # in the same host sync as the forecast error.
     sigma: float
     computed: bool = True
     forecast_error: float | None = None
@@ -40,12 +36,15 @@ class Evaluation:
     threshold: float | None = None
     # Why it was computed or predicted.
     reason: str = ""
+    # Blocks (or model calls) whose prediction reached the model.
+    predicted_modules: int = 0
 
 
 @dataclass
 class ChunkCache:
     modules: dict[Hashable, TaylorEstimator] = field(default_factory=dict)
-    first_input: NewtonHistory | None = None
+    # The first module's inputs, for the RCS forecast error.
+    first_input: FeatureHistory | None = None
 
     def nbytes(self) -> int:
         total = sum(m.nbytes() for m in self.modules.values())
@@ -64,6 +63,8 @@ class RFCRun:
         self.first_module = first_module
         self.skip_window = skip_window
         self.storage = storage or FeatureStorage()
+        # Slot weights shared by every module's history within an evaluation.
+        self.bank = WeightBank()
         # Only a speedup target needs to know the evaluations still to come.
         self.plan: EvaluationPlan | None = None
         if config.target_speedup:
@@ -80,8 +81,11 @@ class RFCRun:
         self.cached_in_row = 0
         self.modules_computed = 0
         self.modules_predicted = 0
+        self.recomputed_evaluations = 0
         self.peak_bytes = 0
         self._skip: bool | None = None
+        # The evaluation's timestep as the sampler passed it, until read.
+        self._timestep: torch.Tensor | None = None
         # Set when caching is switched off for the rest of the run (a
         # fault): evaluations are still counted, all of them computed.
         self.off_reason: str | None = None
@@ -90,15 +94,41 @@ class RFCRun:
     def current(self) -> Evaluation | None:
         return self.evaluations[-1] if self.evaluations else None
 
-    def start_evaluation(self, sigma: float) -> None:
+    def start_evaluation(self, timestep) -> None:
+        """timestep: the evaluation's sigma, a number or a tensor on the
+        model's device; a tensor is read only when something needs it."""
         self._track_memory()
-        self.evaluations.append(Evaluation(sigma=float(sigma)))
-        if self.plan is not None:
-            self.plan.observe(float(sigma))
+        self.bank.clear()
+        self._read_pending_sigma()
+        self.evaluations.append(Evaluation(sigma=float("nan")))
+        self._timestep = None
+        if isinstance(timestep, torch.Tensor):
+            self._timestep = timestep.detach().flatten()[:1]
+        else:
+            self._resolve(float(timestep))
         self._skip = None
         if self.off_reason is not None:
             self.current.reason = self.off_reason
             self._settle(False)
+
+    def _resolve(self, sigma: float) -> None:
+        self.current.sigma = sigma
+        self._timestep = None
+        if self.plan is not None:
+            self.plan.observe(sigma)
+
+    def _read_pending_sigma(self) -> None:
+        # An evaluation nothing read the sigma of (caching was off) still
+        # gets it, for the summary.
+        if self._timestep is not None:
+            self._resolve(float(self._timestep))
+
+    @property
+    def sigma(self) -> float:
+        """The current evaluation's sigma; one host sync the first time it is
+        needed, when the decision did not already bring it."""
+        self._read_pending_sigma()
+        return self.current.sigma
 
     def switch_off(self, reason: str) -> None:
         """Compute everything from here on; the evaluation in progress keeps
@@ -142,11 +172,10 @@ class RFCRun:
         return len(sigmas) / (warmup + self.fewest_full(sigmas[warmup:], 0))
 
     def _forced_reason(self, chunk: ChunkCache) -> str | None:
+        """Why this evaluation must be computed whatever its sigma."""
         config = self.config
         if not config.skipping_enabled:
             return "never skips"
-        if not self._in_window(self.current.sigma):
-            return "outside start/end"
         if self.full_count < config.warmup:
             return "warm-up"
         if self.cached_in_row >= config.max_skip:
@@ -155,14 +184,47 @@ class RFCRun:
             return "no history yet"
         return None
 
+    def _forecast_error_and_sigma(self, chunk: ChunkCache, module_input: torch.Tensor) -> tuple[float, float]:
+        """The relative L1 error of the first module's input against its
+        forecast, and the evaluation's sigma, in one host sync. The forecast
+        weights are made on the device from the timestep tensor when the
+        sigma is not known yet."""
+        history = chunk.first_input
+        actual = flat(module_input)
+        if self._timestep is None:
+            forecast = history.forecast(self.current.sigma)[0]
+            timestep = torch.full((1,), self.current.sigma, device=actual.device)
+        else:
+            timestep = self._timestep.to(device=actual.device, dtype=torch.float32)
+            weights = torch.zeros((1, 1, history.slot_count), device=actual.device)
+            for j, slot in enumerate(history.slots):
+                weight = torch.ones_like(timestep)
+                for i, other in enumerate(history.nodes):
+                    if i != j:
+                        weight = weight * ((timestep - other) / (history.nodes[j] - other))
+                weights[..., slot] = weight
+            forecast = torch.bmm(weights.expand(actual.shape[0], -1, -1).to(history.values[0].dtype),
+                                 history.values[0].to(actual.device)).squeeze(1)
+        sums = torch.stack(((actual - forecast).abs().sum(dtype=torch.float32),
+                            actual.abs().sum(dtype=torch.float32), timestep.reshape(())))
+        difference, size, sigma = sums.tolist()
+        error = 0.0 if size == 0.0 else difference / size
+        # An input with inf or NaN in it cannot be judged: compute.
+        return (error if math.isfinite(error) else math.inf), sigma
+
     def _decide_skip(self, chunk: ChunkCache, module_input: torch.Tensor) -> bool:
         evaluation = self.current
         evaluation.reason = self._forced_reason(chunk)
         if evaluation.reason is not None:
             return False
         if self.scheduler.needs_forecast_error:
-            forecast = chunk.first_input.forecast(evaluation.sigma)
-            evaluation.forecast_error = relative_l1(module_input, forecast)
+            evaluation.forecast_error, sigma = self._forecast_error_and_sigma(chunk, module_input)
+            if self._timestep is not None:
+                self._resolve(sigma)
+        if not self._in_window(self.sigma):
+            evaluation.reason = "outside start/end"
+            evaluation.forecast_error = None
+            return False
         full, evaluation.reason = self.scheduler.wants_full(evaluation.forecast_error, self.full_count,
                                                              self.cached_in_row)
         evaluation.accumulated = getattr(self.scheduler, "accumulated", None)
@@ -189,43 +251,122 @@ class RFCRun:
             self.cached_in_row = 0
             self.scheduler.on_full()
 
+    def recompute_current(self, reason: str) -> None:
+        """The evaluation in progress was predicted and its output is not
+        usable: it is computed again, in full, and counted as computed."""
+        evaluation = self.current
+        if evaluation.computed:
+            return
+        self._settle(False)
+        self.modules_predicted -= evaluation.predicted_modules
+        evaluation.predicted_modules = 0
+        evaluation.reason = reason
+        self.recomputed_evaluations += 1
+
+    @property
+    def predicting(self) -> bool:
+        """Whether the evaluation in progress uses predictions."""
+        return self._skip is True
+
     def needs_module_input(self, module_key: Hashable) -> bool:
         """Only RFE and the RCS decision read module inputs; skip building them otherwise."""
         if self.config.estimator == "rfe":
             return True
         return module_key == self.first_module and self.scheduler.needs_forecast_error
 
-    def predict(self, chunk_key: Hashable, module_key: Hashable,
-                module_input: torch.Tensor | None) -> torch.Tensor | None:
-        """The predicted residual of this module, or None when it must be computed."""
+    def predicts(self, chunk_key: Hashable, module_key: Hashable, module_input: torch.Tensor | None) -> bool:
+        """Whether this module is predicted in this evaluation (the first
+        module takes the evaluation's decision)."""
         if self.current is None or self.off_reason is not None:
-            return None
+            return False
         chunk = self.chunks.setdefault(chunk_key, ChunkCache())
         if self._skip is None and module_key == self.first_module:
             self._settle(self._decide_skip(chunk, module_input))
         estimator = chunk.modules.get(module_key)
-        if not self._skip or estimator is None or not estimator.ready:
+        return bool(self._skip) and estimator is not None and estimator.ready
+
+    def predict_onto(self, chunk_key: Hashable, module_key: Hashable, module_input: torch.Tensor | None,
+                     bases) -> list[torch.Tensor]:
+        """Each stream's input plus its predicted residual, (batch, features);
+        only after `predicts` said yes."""
+        estimator = self.chunks[chunk_key].modules[module_key]
+        return estimator.predict_onto(self.sigma, module_input, bases)
+
+    def predict(self, chunk_key: Hashable, module_key: Hashable,
+                module_input: torch.Tensor | None):
+        """The predicted residual of this module, or None when it must be computed."""
+        if not self.predicts(chunk_key, module_key, module_input):
             return None
         self.modules_predicted += 1
-        return estimator.predict(self.current.sigma, module_input)
+        self.current.predicted_modules += 1
+        return self.chunks[chunk_key].modules[module_key].predict(self.sigma, module_input)
 
-    def record(self, chunk_key: Hashable, module_key: Hashable,
-               module_input: torch.Tensor | None, residual: torch.Tensor) -> None:
-        """Store a computed module's residual (output minus input)."""
-        self.modules_computed += 1
-        if self.current is None or self.off_reason is not None:
-            return
-        sigma = self.current.sigma
+    def _estimator(self, chunk_key: Hashable, module_key: Hashable) -> TaylorEstimator:
         chunk = self.chunks.setdefault(chunk_key, ChunkCache())
         estimator = chunk.modules.get(module_key)
         if estimator is None:
             estimator = chunk.modules[module_key] = make_estimator(self.config.estimator, self.config.order,
-                                                                  self.storage)
-        estimator.update(sigma, residual, module_input)
+                                                                  self.storage, self.bank)
+        return estimator
+
+    def records(self) -> bool:
+        return self.current is not None and self.off_reason is None
+
+    def reserve(self, chunk_key: Hashable, module_key: Hashable, likes) -> list[torch.Tensor] | None:
+        """Where a module about to be computed writes its residual, one
+        (batch, features) tensor per stream; None when nothing is recorded."""
+        if not self.records():
+            return None
+        return self._estimator(chunk_key, module_key).reserve(self.sigma, likes)
+
+    def commit(self, chunk_key: Hashable, module_key: Hashable, module_input: torch.Tensor | None) -> None:
+        """The reserved residual is written: keep it, with the module input."""
+        self._estimator(chunk_key, module_key).commit(module_input)
+        self._record_first_input(chunk_key, module_key, module_input)
+
+    def record(self, chunk_key: Hashable, module_key: Hashable,
+               module_input: torch.Tensor | None, residual) -> None:
+        """Count a computed module and store its residual (`store`). With
+        `predict`, the interface for callers that count nothing themselves."""
+        self.modules_computed += 1
+        self.store(chunk_key, module_key, module_input, residual)
+
+    def store(self, chunk_key: Hashable, module_key: Hashable,
+              module_input: torch.Tensor | None, residual) -> None:
+        """Keep a computed module's residual (output minus input): a tensor,
+        or a list of them for a module of several streams."""
+        if not self.records():
+            return
+        self._estimator(chunk_key, module_key).update(self.sigma, residual, module_input)
+        self._record_first_input(chunk_key, module_key, module_input)
+
+    def _record_first_input(self, chunk_key, module_key, module_input) -> None:
         if module_key == self.first_module and self.scheduler.needs_forecast_error:
+            chunk = self.chunks[chunk_key]
             if chunk.first_input is None:
-                chunk.first_input = NewtonHistory(self.config.order, self.storage)
-            chunk.first_input.push(sigma, module_input)
+                chunk.first_input = FeatureHistory(self.config.order, self.storage, self.bank)
+            chunk.first_input.push(self.sigma, [module_input])
+
+    def drop_non_finite(self) -> int:
+        """Drop every module whose cached values hold inf or NaN (one host
+        sync over the whole cache; only after a prediction came out
+        non-finite). Returns how many were dropped."""
+        held = [(chunk, key, estimator) for chunk in self.chunks.values() for key, estimator in chunk.modules.items()]
+        inputs = [chunk for chunk in self.chunks.values() if chunk.first_input is not None]
+        flags = [torch.stack([torch.isfinite(t).all() for t in estimator.tensors()]).all() for _, _, estimator in held]
+        flags += [torch.stack([torch.isfinite(t).all() for t in chunk.first_input.tensors()]).all() for chunk in inputs]
+        if not flags:
+            return 0
+        finite = [bool(f) for f in torch.stack([f.cpu() for f in flags]).tolist()]
+        dropped = 0
+        for (chunk, key, _), ok in zip(held, finite):
+            if not ok:
+                del chunk.modules[key]
+                dropped += 1
+        for chunk, ok in zip(inputs, finite[len(held):]):
+            if not ok:
+                chunk.first_input = None
+        return dropped
 
     def relocate(self, storage: FeatureStorage) -> None:
         """Keep every cached feature, and every later one, in `storage`."""
@@ -240,8 +381,8 @@ class RFCRun:
         """Where the cache's features are, None while it holds none."""
         for chunk in self.chunks.values():
             for estimator in chunk.modules.values():
-                if estimator.history.coeffs:
-                    return estimator.history.coeffs[0].device
+                if estimator.history.values:
+                    return estimator.history.values[0].device
         return None
 
     def cache_bytes(self) -> int:
@@ -253,7 +394,10 @@ class RFCRun:
     def finish(self) -> None:
         """Drop every cached tensor; counters stay for the summary."""
         self._track_memory()
+        if self.current is not None:
+            self._read_pending_sigma()
         self.chunks.clear()
+        self.bank.clear()
 
     @property
     def computed_evaluations(self) -> int:

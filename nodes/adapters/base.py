@@ -49,20 +49,56 @@ class BlockGroup:
         return self.outputs if self.outputs is not None else self.streams
 
 
+def batch_first(t: torch.Tensor, batch_dim: int) -> torch.Tensor:
+    return t if batch_dim == 0 else t.movedim(batch_dim, 0)
+
+
 def pack(tensors: list[torch.Tensor], batch_dim: int = 0) -> torch.Tensor:
-    """Flatten each stream per sample and join them: estimators see one tensor
-    of shape (batch, features) per module, whatever the block returns. The
-    result is always a new tensor, so it survives blocks that update their
-    inputs in place."""
-    flat = [t.movedim(batch_dim, 0).reshape(t.shape[batch_dim], -1) for t in tensors]
+    """Flatten each tensor per sample and join them, shape (batch, features):
+    the module input of a whole model call whose latent has several tensors.
+    Always a new tensor."""
+    flat = [batch_first(t, batch_dim).reshape(t.shape[batch_dim], -1) for t in tensors]
     return torch.cat(flat, dim=1)
 
 
-def unpack(packed: torch.Tensor, like: list[torch.Tensor], batch_dim: int = 0) -> list[torch.Tensor]:
-    sizes = [t.numel() // t.shape[batch_dim] for t in like]
-    parts = torch.split(packed, sizes, dim=1)
-    return [part.reshape(t.movedim(batch_dim, 0).shape).movedim(0, batch_dim).to(t.dtype)
-            for part, t in zip(parts, like)]
+# A module input is only ever normed (RFE's input change, the RCS forecast
+# error), so adapters that can build it on a regular subsample of the
+# tokens and channels do: at most about this many of each. A FLUX.1-dev
+# block at 1024x1024 (4608 tokens, 3072 wide) is sampled every 18th token
+# and 12th channel, 1/216 of the block input.
+MODULE_INPUT_TOKENS = 256
+MODULE_INPUT_CHANNELS = 256
+
+
+def token_stride(tokens: int) -> int:
+    return max(1, tokens // MODULE_INPUT_TOKENS)
+
+
+def channel_stride(channels: int) -> int:
+    """The largest stride at or below channels / MODULE_INPUT_CHANNELS that
+    divides the width, so strided rows of a modulation matrix stay one view."""
+    stride = max(1, channels // MODULE_INPUT_CHANNELS)
+    while channels % stride:
+        stride -= 1
+    return stride
+
+
+def sampled_tail(tokens: int, tail: int, stride: int) -> int:
+    """How many of the last `tail` tokens a `[::stride]` sample of `tokens` keeps."""
+    return -(-tokens // stride) - -(-(tokens - tail) // stride)
+
+
+def reads_weights_directly(layer, like: torch.Tensor) -> bool:
+    """Whether a linear layer's weight can be sliced and used as it is: an
+    ordinary Linear whose weight already has the input's dtype and device.
+    ComfyUI casts or patches other weights on every call (fp8 weights,
+    low-VRAM offloading, LoRA applied on the fly); those go through the
+    layer itself."""
+    weight = getattr(layer, "weight", None)
+    return (isinstance(layer, torch.nn.Linear) and isinstance(weight, torch.Tensor)
+            and type(weight.data) is torch.Tensor and weight.dtype == like.dtype and weight.device == like.device
+            and not getattr(layer, "comfy_cast_weights", False)
+            and not getattr(layer, "weight_function", None) and not getattr(layer, "bias_function", None))
 
 
 def chunk_identity(transformer_options: dict, first_stream: torch.Tensor) -> Hashable:
@@ -84,11 +120,17 @@ def modulate_rows(normed: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor
     """`normed * (1 + scale) + shift` with (batch, rows, dim) modulation: one
     row for every token, or two, the second for the last `tail_tokens` (the
     reference tokens edit models modulate at timestep zero)."""
-    if scale.shape[1] == 1:
-        return torch.addcmul(shift, normed, 1 + scale)
+    return modulate_rows_by_gain(normed, 1 + scale, shift, tail_tokens)
+
+
+def modulate_rows_by_gain(normed: torch.Tensor, gain: torch.Tensor, shift: torch.Tensor,
+                          tail_tokens: int) -> torch.Tensor:
+    """`modulate_rows` with the gain, 1 + scale, already formed."""
+    if gain.shape[1] == 1:
+        return torch.addcmul(shift, normed, gain)
     head = normed.shape[1] - tail_tokens
-    return torch.cat((torch.addcmul(shift[:, :1], normed[:, :head], 1 + scale[:, :1]),
-                      torch.addcmul(shift[:, 1:2], normed[:, head:], 1 + scale[:, 1:2])), dim=1)
+    return torch.cat((torch.addcmul(shift[:, :1], normed[:, :head], gain[:, :1]),
+                      torch.addcmul(shift[:, 1:2], normed[:, head:], gain[:, 1:2])), dim=1)
 
 
 def blocks_of(container) -> list[torch.nn.Module]:

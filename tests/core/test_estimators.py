@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from rfc_core import NewtonHistory, RelationalEstimator, ReuseEstimator, TaylorEstimator
+from rfc_core import FeatureHistory, RelationalEstimator, ReuseEstimator, TaylorEstimator
 
 SIGMAS = [1.0, 0.93, 0.71, 0.66, 0.4]  # deliberately uneven spacing
 
@@ -37,14 +37,14 @@ def test_reuse_returns_the_last_output():
 
 
 def test_repeated_sigma_replaces_the_newest_point():
-    base = torch.randn(3, 4, dtype=torch.float64)
-    history = NewtonHistory(2)
-    history.push(1.0, polynomial(1.0, 2, base))
-    history.push(0.8, torch.zeros(4, dtype=torch.float64))  # replaced by the next push
-    history.push(0.8, polynomial(0.8, 2, base))
-    history.push(0.5, polynomial(0.5, 2, base))
+    base = torch.randn(3, 2, 4, dtype=torch.float64)
+    history = FeatureHistory(2)
+    history.push(1.0, [polynomial(1.0, 2, base)])
+    history.push(0.8, [torch.zeros(2, 4, dtype=torch.float64)])  # replaced by the next push
+    history.push(0.8, [polynomial(0.8, 2, base)])
+    history.push(0.5, [polynomial(0.5, 2, base)])
     assert len(history) == 3
-    torch.testing.assert_close(history.forecast(0.2), polynomial(0.2, 2, base))
+    torch.testing.assert_close(history.forecast(0.2)[0], polynomial(0.2, 2, base))
 
 
 def linear_module_run(estimator_cls, order, target=0.2):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rfc_core import CacheConfig, NewtonHistory, RFCRun
+from rfc_core import CacheConfig, FeatureHistory, RFCRun
 from rfc_core.storage import FeatureStorage, storage_for
 
 FIRST = ("block", 0)
@@ -36,12 +36,14 @@ def test_a_half_precision_cache_halves_the_peak_and_keeps_the_forecast():
         torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
 
 
-def test_a_float32_cache_computes_differences_in_float32():
-    history = NewtonHistory(1, FeatureStorage(dtype=torch.float32))
-    history.push(1.0, torch.tensor([1.0], dtype=torch.bfloat16))
-    history.push(0.999, torch.tensor([1.0078125], dtype=torch.bfloat16))
-    assert history.coeffs[1].dtype == torch.float32
-    assert history.forecast(0.998).item() == pytest.approx(1.015625, rel=1e-5)
+def test_a_float32_cache_forecasts_in_float32():
+    history = FeatureHistory(1, FeatureStorage(dtype=torch.float32))
+    history.push(1.0, [torch.tensor([1.0], dtype=torch.bfloat16)])
+    history.push(0.999, [torch.tensor([1.0078125], dtype=torch.bfloat16)])
+    assert history.values[0].dtype == torch.float32
+    assert history.forecast(0.998)[0].item() == pytest.approx(1.015625, rel=1e-5)
+    base = torch.zeros(1, 1, dtype=torch.bfloat16)
+    assert history.combine(history.weights_by_slot(0.998), [base])[0].dtype == torch.bfloat16
 
 
 def test_relocating_moves_every_cached_tensor():
@@ -49,7 +51,7 @@ def test_relocating_moves_every_cached_tensor():
     drive(run, steps=3)
     run.relocate(FeatureStorage("cpu", torch.float16))
     chunk = run.chunks["chunk"]
-    kept = chunk.modules[FIRST].history.coeffs + chunk.first_input.coeffs + [chunk.modules[FIRST].last_input]
+    kept = chunk.modules[FIRST].tensors() + chunk.first_input.tensors()
     assert kept and all(t.dtype == torch.float16 and t.device.type == "cpu" for t in kept)
 
 

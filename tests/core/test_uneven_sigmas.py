@@ -5,7 +5,7 @@ and evaluations at sigma 0."""
 import pytest
 import torch
 
-from rfc_core import CacheConfig, NewtonHistory, RFCRun, TaylorEstimator
+from rfc_core import CacheConfig, FeatureHistory, RFCRun, TaylorEstimator
 
 FIRST = ("block", 0)
 
@@ -37,18 +37,18 @@ def test_returning_to_an_older_sigma_keeps_the_forecast_finite_and_exact():
     by the zero gap to the older 0.8. That point and the one before it go;
     the two left forecast a straight line exactly, and one more point makes
     the quadratic exact again."""
-    base = torch.randn(3, 5, dtype=torch.float64)
-    history = NewtonHistory(2)
+    base = torch.randn(3, 1, 5, dtype=torch.float64)
+    history = FeatureHistory(2)
     for sigma in (1.0, 0.8, 0.6):
-        history.push(sigma, quadratic(sigma, base))
-    history.push(0.8, quadratic(0.8, base))
+        history.push(sigma, [quadratic(sigma, base)])
+    history.push(0.8, [quadratic(0.8, base)])
     assert history.nodes == [0.8, 0.6]
-    assert all(torch.isfinite(c).all() for c in history.coeffs)
+    assert all(torch.isfinite(history.values[0][:, slot]).all() for slot in history.slots)
     slope = (quadratic(0.8, base) - quadratic(0.6, base)) / (0.8 - 0.6)
-    torch.testing.assert_close(history.forecast(0.3), quadratic(0.6, base) + slope * (0.3 - 0.6))
-    history.push(0.3, quadratic(0.3, base))
+    torch.testing.assert_close(history.forecast(0.3)[0], quadratic(0.6, base) + slope * (0.3 - 0.6))
+    history.push(0.3, [quadratic(0.3, base)])
     assert len(history) == 3
-    torch.testing.assert_close(history.forecast(0.1), quadratic(0.1, base))
+    torch.testing.assert_close(history.forecast(0.1)[0], quadratic(0.1, base))
 
 
 def test_forecast_at_the_newest_sigma_is_the_newest_value():
@@ -61,13 +61,13 @@ def test_forecast_at_the_newest_sigma_is_the_newest_value():
 
 
 def test_sigma_zero_is_a_point_like_any_other():
-    base = torch.randn(3, 4, dtype=torch.float64)
-    history = NewtonHistory(2)
+    base = torch.randn(3, 1, 4, dtype=torch.float64)
+    history = FeatureHistory(2)
     for sigma in (0.5, 0.2, 0.0, 0.0):
-        history.push(sigma, quadratic(sigma, base))
+        history.push(sigma, [quadratic(sigma, base)])
     assert history.nodes == [0.0, 0.2, 0.5]
-    torch.testing.assert_close(history.forecast(0.0), quadratic(0.0, base))
-    torch.testing.assert_close(history.forecast(0.1), quadratic(0.1, base))
+    torch.testing.assert_close(history.forecast(0.0)[0], quadratic(0.0, base))
+    torch.testing.assert_close(history.forecast(0.1)[0], quadratic(0.1, base))
 
 
 def test_warmup_counts_distinct_sigmas():

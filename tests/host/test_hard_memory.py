@@ -57,11 +57,22 @@ class CacheSpy:
         self.sessions = []
         self.peak_bytes: list[int] = []
         self.references: list[weakref.ref] = []
-        record, finish = runtime.RFCRun.record, runtime.SamplingSession.finish
+        store, reserve, commit = runtime.RFCRun.store, runtime.RFCRun.reserve, runtime.RFCRun.commit
+        finish = runtime.SamplingSession.finish
 
-        def spy_record(run, chunk_key, module_key, module_input, residual):
-            self.references.extend(weakref.ref(t) for t in (module_input, residual) if t is not None)
-            return record(run, chunk_key, module_key, module_input, residual)
+        def spy_store(run, chunk_key, module_key, module_input, residuals):
+            self.references.extend(weakref.ref(t) for t in (module_input, *residuals) if t is not None)
+            return store(run, chunk_key, module_key, module_input, residuals)
+
+        def spy_reserve(run, chunk_key, module_key, likes):
+            slots = reserve(run, chunk_key, module_key, likes)
+            self.references.extend(weakref.ref(t) for t in slots or ())
+            return slots
+
+        def spy_commit(run, chunk_key, module_key, module_input):
+            if module_input is not None:
+                self.references.append(weakref.ref(module_input))
+            return commit(run, chunk_key, module_key, module_input)
 
         def spy_finish(session):
             if keep_sessions:
@@ -72,7 +83,9 @@ class CacheSpy:
             finally:
                 self.peak_bytes.append(session.run.peak_bytes)
 
-        monkeypatch.setattr(runtime.RFCRun, "record", spy_record)
+        monkeypatch.setattr(runtime.RFCRun, "store", spy_store)
+        monkeypatch.setattr(runtime.RFCRun, "reserve", spy_reserve)
+        monkeypatch.setattr(runtime.RFCRun, "commit", spy_commit)
         monkeypatch.setattr(runtime.SamplingSession, "finish", spy_finish)
 
     def still_alive(self) -> list[torch.Tensor]:
@@ -140,8 +153,7 @@ def test_repeated_runs_on_one_patched_model_do_not_grow_memory(family, nodes, mo
 
 
 def test_cache_size_depends_on_the_order_not_on_the_step_count(family, nodes, monkeypatch):
-    """Each module keeps the newest order + 1 divided differences, not a
-    history of the run: a run twice as long peaks at the same size."""
+    """Each module keeps the newest order + 1 residuals, not a history of the run: a run twice as long peaks at the same size."""
     spy = CacheSpy(nodes, monkeypatch, keep_sessions=False)
     peaks = {}
     for order in (1, 2):

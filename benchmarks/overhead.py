@@ -43,6 +43,10 @@ FLUX_DEV = {
     "qkv_bias": True, "guidance_embed": False,
 }
 FLUX_DEV_BLOCKS = (19, 38)  # double, single
+# FLUX.1-dev's layout at a width the CPU runs in seconds: kernels and host
+# syncs do not depend on the width, so they are counted on it at full depth.
+NARROW_FLUX = {**FLUX_DEV, "vec_in_dim": 32, "context_in_dim": 32, "hidden_size": 96, "num_heads": 2,
+               "axes_dim": [8, 20, 20]}
 FLUX_DEV_TOKENS = (4096, 512)  # image tokens at 1024x1024, text tokens
 
 # The roofline: H200 SXM, dense bf16 and HBM3e; launch and sync latencies
@@ -110,6 +114,24 @@ class CostCounter(TorchDispatchMode):
         return result
 
 
+    def __enter__(self):
+        # Tensor.tolist reads the data without dispatching an operation;
+        # on a GPU it waits for the device like .item() does.
+        original = self._tolist = torch.Tensor.tolist
+        counter = self
+
+        def counted_tolist(tensor):
+            counter.costs[counter.regions[-1]].syncs += 1
+            return original(tensor)
+
+        torch.Tensor.tolist = counted_tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)
+
+
 class Region:
     def __init__(self, counter: CostCounter, name):
         self.counter, self.name = counter, name
@@ -162,14 +184,19 @@ def count_run(image_side: int, text_tokens: int, steps: int, blocks: tuple[int, 
     x = torch.randn(1, config["in_channels"], image_side, image_side, dtype=torch.bfloat16)
     context = torch.randn(1, text_tokens, config["context_in_dim"], dtype=torch.bfloat16)
     pooled = torch.randn(1, config["vec_in_dim"], dtype=torch.bfloat16)
-    # Module inputs are sampled with the token strides the adapter takes at
+    # Module inputs are sampled with the strides the adapter takes at
     # FLUX.1-dev size (every 16th image token in double blocks, every 18th
-    # joint token in single blocks), so their traffic extrapolates.
+    # joint token in single blocks, every 12th channel), so their traffic
+    # extrapolates and the kernels are the same.
     image_tokens = (image_side // 2) ** 2
     dev_strides = {image_tokens: flux_adapter_module.token_stride(FLUX_DEV_TOKENS[0]),
                    image_tokens + text_tokens: flux_adapter_module.token_stride(sum(FLUX_DEV_TOKENS))}
-    original_stride = flux_adapter_module.token_stride
+    dev_channel_stride = flux_adapter_module.channel_stride(FLUX_DEV["hidden_size"])
+    if config["hidden_size"] % dev_channel_stride:
+        raise ValueError(f"the width must be a multiple of {dev_channel_stride}, FLUX.1-dev's channel stride")
+    original_strides = flux_adapter_module.token_stride, flux_adapter_module.channel_stride
     flux_adapter_module.token_stride = dev_strides.__getitem__
+    flux_adapter_module.channel_stride = lambda channels: dev_channel_stride
     try:
         with torch.no_grad(), counter:
             for step in range(steps):
@@ -185,7 +212,7 @@ def count_run(image_side: int, text_tokens: int, steps: int, blocks: tuple[int, 
                     output = model(x, timestep.to(torch.bfloat16), context, pooled, options)
                 x = x - 0.01 * output
     finally:
-        flux_adapter_module.token_stride = original_stride
+        flux_adapter_module.token_stride, flux_adapter_module.channel_stride = original_strides
     session.finish()
     computed = [e.computed for e in session.run.evaluations]
     return counter.costs, computed, adapter.block_keys(model)
@@ -203,14 +230,22 @@ def summarise(costs, computed, keys) -> dict[str, Cost]:
     """Mean costs per kind of block and per evaluation after the warm-up, bytes as counted."""
     later = keys[1:]  # the first block also takes the evaluation's decision
     evaluations = range(2, len(computed))
-    skipped = _mean(costs[("pack", e, key)] for e in evaluations if not computed[e] for key in later)
-    full = _mean(costs[("pack", e, key)] for e in evaluations if computed[e] for key in later)
-    # The decision: what the first block and the start of the evaluation
-    # cost beyond what any other block in the same state costs.
+
+    def blocks(predicted: bool, kind: str | None = None) -> Cost:
+        return _mean(costs[("pack", e, key)] for e in evaluations if computed[e] != predicted
+                     for key in later if kind is None or key[0] == kind)
+
+    skipped, full = blocks(True), blocks(False)
+    # The decision: what the first block and the start and end of the
+    # evaluation cost beyond what any other block in the same state costs.
     decision = _mean(costs[("pack", e, keys[0])].add(costs[("evaluation", e, None)])
                      .add(full if computed[e] else skipped, scale=-1.0) for e in evaluations)
     plain = _mean(costs[("block", e, key)] for e in evaluations if computed[e] for key in later)
-    return {"skipped block": skipped, "computed block (pack's share)": full, "evaluation (decision)": decision,
+    most_syncs = max(sum(cost.syncs for region, cost in costs.items() if isinstance(region, tuple) and region[1] == e)
+                     for e in evaluations)
+    return {"skipped block": skipped, "skipped double block": blocks(True, "double_block"),
+            "skipped single block": blocks(True, "single_block"), "computed block (pack's share)": full,
+            "evaluation (decision)": decision, "evaluation, most host syncs": Cost(0, 0, most_syncs),
             "plain block (the block's own work)": plain}
 
 
@@ -262,30 +297,42 @@ def projection(summary: dict[str, Cost], nfc: int, steps: int = 50) -> tuple[flo
     return total / (steps * plain), nfc / steps
 
 
+def counts_at_flux_dev(steps: int = 8) -> dict[str, Cost]:
+    """Kernels and host syncs from a narrow Flux of FLUX.1-dev's depth,
+    traffic from two runs at its width (2 + 2 blocks), extrapolated to its
+    token count, in R."""
+    narrow = summarise(*count_run(16, 8, steps, FLUX_DEV_BLOCKS, NARROW_FLUX))
+    text_tokens = 32
+    wide, token_counts = [], []
+    for side in (16, 24):  # latent sides: 64 and 144 image tokens
+        wide.append(summarise(*count_run(side, text_tokens, steps, (2, 2))))
+        token_counts.append((side // 2) ** 2 + text_tokens)
+    traffic = at_flux_dev_size(*wide, tuple(token_counts))
+    return {name: Cost(cost.kernels, traffic[name].bytes, cost.syncs) for name, cost in narrow.items()}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=8)
     args = parser.parse_args(argv)
-    text_tokens = 32
-    sizes = (16, 24)  # latent sides: 64 and 144 image tokens
-    summaries, token_counts = [], []
-    for side in sizes:
-        costs, computed, keys = count_run(side, text_tokens, args.steps, (2, 2))
-        summaries.append(summarise(costs, computed, keys))
-        token_counts.append((side // 2) ** 2 + text_tokens)
-    summary = at_flux_dev_size(*summaries, tuple(token_counts))
+    summary = counts_at_flux_dev(args.steps)
     residual_mib = sum(FLUX_DEV_TOKENS) * FLUX_DEV["hidden_size"] * 2 / 2**20
     print(f"### The pack's own cost at FLUX.1-dev size (3072 wide, bf16, {sum(FLUX_DEV_TOKENS)} tokens; "
           f"R = one block's residual = {residual_mib:.0f} MiB)")
     print()
-    print(f"Counted at {token_counts[0]} and {token_counts[1]} tokens; traffic extrapolated to "
-          f"{sum(FLUX_DEV_TOKENS)} (it is affine in the token count), kernels and syncs do not depend on it.")
+    print(f"Kernels and host syncs counted on FLUX.1-dev's 19 + 38 blocks at width 64 (they do not depend on "
+          f"the width or the token count); traffic counted at its width on 2 + 2 blocks at 96 and 176 tokens "
+          f"and extrapolated to {sum(FLUX_DEV_TOKENS)} (it is affine in the token count). Means over the "
+          f"evaluations after the warm-up and over every block but the first, which also takes the decision.")
     print()
     print("| per | kernels | traffic (R) | host syncs |")
     print("|---|---|---|---|")
     for name, cost in summary.items():
-        print(f"| {name} | {cost.kernels:.3g} | {cost.bytes:.1f} | {cost.syncs:.3g} |")
-    print("| skipped block, physical limit | 1 to 3 | about 4 | 0 |")
+        if name == "evaluation, most host syncs":
+            print(f"| {name} | | | {cost.syncs:.0f} |")
+        else:
+            print(f"| {name} | {cost.kernels:.3g} | {cost.bytes:.1f} | {cost.syncs:.3g} |")
+    print("| skipped block, physical limit | 1 per stream | about 4 | 0 |")
     print()
     print("### Roofline projection onto an H200, FLUX.1-dev 1024x1024, 50 steps (a model of the counts above, "
           "not a measurement)")

@@ -250,10 +250,12 @@ class SamplingSession:
         for unit_key, names in units:
             if not self.run.needs_module_input(unit_key):
                 continue
+            build = (self.adapter.module_input if unit_key == self.run.first_module
+                     else self.adapter.sampled_module_input)
             if group.separate_streams:
-                value = self.adapter.module_input(self.diffusion_model, kind, index, args, stream=names[0])
+                value = build(self.diffusion_model, kind, index, args, stream=names[0])
             else:
-                value = self.adapter.module_input(self.diffusion_model, kind, index, args)
+                value = build(self.diffusion_model, kind, index, args)
             # Estimators take per-sample norms over everything but dim 0.
             module_inputs[unit_key] = value.movedim(group.batch_dim, 0)
         return module_inputs
@@ -356,6 +358,8 @@ class SamplingSession:
 
     def finish(self) -> str:
         self.run.finish()
+        if self.adapter is not None:
+            self.adapter.end_run(self.diffusion_model)
         self.returned_streams.clear()
         summary = f"RFC on {self.settings.family} ({self.settings.granularity}): {self.run.summary()}"
         if self.fault_notes:

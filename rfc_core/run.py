@@ -191,22 +191,23 @@ class RFCRun:
         sigma is not known yet."""
         history = chunk.first_input
         actual = flat(module_input)
+        values = history.values[0]
         if self._timestep is None:
-            forecast = history.forecast(self.current.sigma)[0]
             timestep = torch.full((1,), self.current.sigma, device=actual.device)
+            weights = [-w for w in history.weights_by_slot(self.current.sigma)]
         else:
             timestep = self._timestep.to(device=actual.device, dtype=torch.float32)
-            weights = torch.zeros((1, 1, history.slot_count), device=actual.device)
+            weights = torch.zeros((actual.shape[0], 1, history.slot_count), device=actual.device)
             for j, slot in enumerate(history.slots):
-                weight = torch.ones_like(timestep)
+                weight = torch.full_like(timestep, -1.0)
                 for i, other in enumerate(history.nodes):
                     if i != j:
                         weight = weight * ((timestep - other) / (history.nodes[j] - other))
                 weights[..., slot] = weight
-            forecast = torch.bmm(weights.expand(actual.shape[0], -1, -1).to(history.values[0].dtype),
-                                 history.values[0].to(actual.device)).squeeze(1)
-        sums = torch.stack(((actual - forecast).abs().sum(dtype=torch.float32),
-                            actual.abs().sum(dtype=torch.float32), timestep.reshape(())))
+        # actual - forecast, in one kernel where the cache is in the input's dtype.
+        (difference,) = history.combine(weights, [actual])
+        sums = torch.stack((torch.linalg.vector_norm(difference, ord=1, dtype=torch.float32),
+                            torch.linalg.vector_norm(actual, ord=1, dtype=torch.float32), timestep.reshape(())))
         difference, size, sigma = sums.tolist()
         error = 0.0 if size == 0.0 else difference / size
         # An input with inf or NaN in it cannot be judged: compute.

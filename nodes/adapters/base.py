@@ -61,9 +61,10 @@ def pack(tensors: list[torch.Tensor], batch_dim: int = 0) -> torch.Tensor:
     return torch.cat(flat, dim=1)
 
 
-# A module input is only ever normed (RFE's input change, the RCS forecast
-# error), so adapters that can build it on a regular subsample of the
-# tokens and channels do: at most about this many of each. A FLUX.1-dev
+# The module input of a block other than the first is only normed (RFE's
+# input change), so adapters that can build it on a regular sample of the
+# tokens and channels do (BlockAdapter.sampled_module_input): at most about
+# this many of each. A FLUX.1-dev
 # block at 1024x1024 (4608 tokens, 3072 wide) is sampled every 18th token
 # and 12th channel, 1/216 of the block input.
 MODULE_INPUT_TOKENS = 256
@@ -224,3 +225,15 @@ class BlockAdapter:
         with `separate_streams` are asked once per stream, with `stream`."""
         group = self.group(kind)
         return args[group.streams[0]].detach().clone()
+
+    def end_run(self, diffusion_model) -> None:
+        """A sampling run of this model ended: drop anything kept for it."""
+
+    def sampled_module_input(self, diffusion_model, kind, index, args, **stream) -> torch.Tensor:
+        """The module input of every block but the first, where only its
+        norm is read (RFE's input change), so an adapter may build it on a
+        regular sample of the tokens and channels (token_stride,
+        channel_stride). The first block's full module input decides each
+        evaluation (RCS): there a sample would change the decisions.
+        Default: the full module input."""
+        return self.module_input(diffusion_model, kind, index, args, **stream)

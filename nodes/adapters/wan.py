@@ -10,14 +10,16 @@ Module input: what the block's self-attention receives, the adaLN-modulated
 `norm1(x)`. The modulation `e0` is (batch, 6, dim) for VACE and Camera and
 (batch, frames, 6, dim) for the others, where Wan 2.2 TI2V gives each latent
 frame its own timestep; per-frame shift and scale are spread over that
-frame's tokens as the block does.
+frame's tokens as the block does. Blocks after the first take it on a
+regular sample of tokens and channels (BlockAdapter.sampled_module_input),
+each sampled token with its own frame's modulation.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .base import BlockAdapter, BlockGroup
+from .base import BlockAdapter, BlockGroup, channel_stride, token_stride
 
 
 def spread_over_tokens(modulation: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -59,6 +61,30 @@ class WanAdapter(BlockAdapter):
         else:
             shift, scale = (learned.unsqueeze(0) + e0[:, :, :2]).unbind(2)
         return torch.addcmul(spread_over_tokens(shift, x), block.norm1(x), 1 + spread_over_tokens(scale, x))
+
+
+    def sampled_module_input(self, diffusion_model, kind, index, args):
+        block = self.block(diffusion_model, kind, index)
+        x, e0 = args["img"], args["vec"]
+        tokens_step, channels_step = token_stride(x.size(1)), channel_stride(x.size(2))
+        learned = block.modulation[:, :2, ::channels_step].to(dtype=x.dtype, device=x.device)
+        sampled = x[:, ::tokens_step]
+        if e0.ndim < 4:
+            shift, scale = (learned + e0[:, :2, ::channels_step]).chunk(2, dim=1)
+        else:
+            shift, scale = (learned.unsqueeze(0) + e0[:, :, :2, ::channels_step]).unbind(2)
+            if shift.size(1) > 1:
+                frame = sampled_frames(x.size(1), shift.size(1), tokens_step, x.device)
+                shift, scale = shift.index_select(1, frame), scale.index_select(1, frame)
+        return torch.addcmul(shift, block.norm1(sampled)[..., ::channels_step], 1 + scale)
+
+
+def sampled_frames(tokens: int, frames: int, stride: int, device) -> torch.Tensor:
+    """The frame of every stride-th token, as `spread_over_tokens` assigns them."""
+    repeats = tokens // frames
+    if repeats * frames != tokens:
+        repeats += 1
+    return (torch.arange(0, tokens, stride, device=device) // repeats).clamp_(max=frames - 1)
 
 
 ADAPTERS = (WanAdapter(),)

@@ -175,15 +175,30 @@ class FamilyContract:
                         if self.spec.granularity == "model" else f"{self.spec.name}: no probe layer given")
         diffusion_model = model.model.diffusion_model
         adapter = self.adapter(model)
-        from_adapter, from_block = {}, {}
-        original = type(adapter).module_input
+        base = pack_module(nodes, "nodes.adapters.base")
+        # Strides of 4 tokens and at least 2 channels even on tiny models, so
+        # a sampled module input is a real sample.
+        monkeypatch.setattr(base, "MODULE_INPUT_TOKENS", 4)
+        monkeypatch.setattr(base, "MODULE_INPUT_CHANNELS", 8)
+        from_adapter, from_block, sampled = {}, {}, []
+        full_input, sampled_input = type(adapter).module_input, type(adapter).sampled_module_input
+        samples = sampled_input is not base.BlockAdapter.sampled_module_input
 
         def spy(self_, diffusion_model_, kind, index, args, **stream):
-            value = original(self_, diffusion_model_, kind, index, args, **stream)
+            value = full_input(self_, diffusion_model_, kind, index, args, **stream)
             from_adapter.setdefault((kind, index, *stream.values()), value.clone())
             return value
 
+        def spy_sampled(self_, diffusion_model_, kind, index, args, **stream):
+            value = sampled_input(self_, diffusion_model_, kind, index, args, **stream)
+            full = spy(self_, diffusion_model_, kind, index, args, **stream)
+            if samples:  # every token_stride-th token, every channel_stride-th channel
+                full = full[:, ::base.token_stride(full.shape[1])][..., ::base.channel_stride(full.shape[-1])]
+            sampled.append(((kind, index, *stream.values()), value.clone(), full.clone()))
+            return value
+
         monkeypatch.setattr(type(adapter), "module_input", spy)
+        monkeypatch.setattr(type(adapter), "sampled_module_input", spy_sampled)
         handles = []
         for kind, index in adapter.block_keys(diffusion_model):
             probes = self.spec.probe(adapter.block(diffusion_model, kind, index), kind)
@@ -202,6 +217,11 @@ class FamilyContract:
         assert set(from_adapter) == set(from_block) == set(adapter.module_keys(diffusion_model))
         for key in from_block:
             torch.testing.assert_close(from_adapter[key], from_block[key], rtol=1e-4, atol=1e-5, msg=str(key))
+        # Every block but the first is sampled; what it gets is a sample of its full module input.
+        assert sampled or len(from_block) == 1
+        for key, value, expected in sampled:
+            assert value.shape == expected.shape, key
+            torch.testing.assert_close(value, expected, rtol=1e-4, atol=1e-5, msg=str(key))
 
 
 def _clone_tensor(value):

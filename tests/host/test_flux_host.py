@@ -128,7 +128,7 @@ def test_caching_failure_falls_back_to_full_computation(family, monkeypatch, cap
     def broken(self, *args, **kwargs):
         raise RuntimeError("injected")
 
-    monkeypatch.setattr(runtime.RFCRun, "predict", broken)
+    monkeypatch.setattr(runtime.RFCRun, "predicts", broken)
     caplog.set_level("INFO", logger="ComfyUI-RFC")
     latent = sample(rfc(nodes, model, **FORCED), steps=STEPS)
     # Blocks fail on the first call, the whole model call on the next: computed in full.

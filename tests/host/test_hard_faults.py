@@ -72,9 +72,10 @@ def records(caplog, level: int, text: str) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.name == "ComfyUI-RFC" and r.levelno == level and text in r.getMessage()]
 
 
-def nth_call_raises(function, n: int):
-    """`function` that raises on its n-th call (1-based) and is itself otherwise."""
-    calls = [0]
+def nth_call_raises(function, n: int, calls=None):
+    """`function` that raises on its n-th call (1-based) and is itself
+    otherwise; functions given one `calls` list count their calls together."""
+    calls = [0] if calls is None else calls
 
     def wrapped(*args, **kwargs):
         calls[0] += 1
@@ -326,8 +327,11 @@ def test_block_fault_caches_the_whole_model_for_the_rest_of_the_run(family, faul
     steps = 12
     _, reference_calls = family.run(family.model)
     if what == "module_input":
-        adapter_class = type(family.adapter)
-        monkeypatch.setattr(adapter_class, "module_input", nth_call_raises(adapter_class.module_input, call(blocks)))
+        # The first block's full module input and every other block's sampled one.
+        adapter_class, calls_so_far = type(family.adapter), [0]
+        for method in ("module_input", "sampled_module_input"):
+            monkeypatch.setattr(adapter_class, method,
+                                nth_call_raises(getattr(adapter_class, method), call(blocks), calls_so_far))
     else:
         estimators = pack_module(family.nodes, "rfc_core.estimators")
         monkeypatch.setattr(estimators.RelationalEstimator, "predict_onto",

@@ -128,6 +128,8 @@ class SampleResult:
     block_calls: int
     cache_bytes: int
     seconds: float
+    # Per model evaluation, whether it was computed (block-level runs).
+    computed: tuple[bool, ...] = ()
 
 
 class StandaloneSampler:
@@ -171,13 +173,18 @@ class StandaloneSampler:
             x = x + (self.sigmas[i + 1] - self.sigmas[i]) * velocity(x, self.sigmas[i])
         return x
 
-    def _run_blocks(self, config, start) -> SampleResult:
+    def _run_blocks(self, config, start, wrap=None, rank_sum=None) -> SampleResult:
+        """wrap(entry): what the model calls in place of each block's
+        `CachedBlock` (benchmarks.sequence_parallel splits its tokens);
+        rank_sum: the session's sum over sequence-parallel ranks."""
         load_pack()
         from_runtime = sys.modules[f"{PACK_NAME}.nodes.runtime"]
         adapter = sys.modules[f"{PACK_NAME}.nodes.adapters"].adapter_for("flux")
         settings = from_runtime.CacheSettings(config, "flux", "blocks", adapter, ("double_block", 0), None)
-        session = from_runtime.SamplingSession(settings, self.model, None, self.sigmas.tolist())
+        session = from_runtime.SamplingSession(settings, self.model, None, self.sigmas.tolist(), rank_sum)
         replace = {key: from_runtime.CachedBlock(*key) for key in adapter.block_keys(self.model)}
+        if wrap is not None:
+            replace = {key: wrap(entry) for key, entry in replace.items()}
         options = {"patches_replace": {"dit": replace}, from_runtime.SESSION_KEY: session, "cond_or_uncond": [0, 1]}
 
         def velocity(x, sigma):
@@ -190,7 +197,7 @@ class StandaloneSampler:
         if session.fault_notes:
             raise RuntimeError(f"caching failed inside the benchmark: {'; '.join(session.fault_notes)}")
         return SampleResult(latent, run.computed_evaluations, run.modules_computed, run.peak_bytes,
-                            time.perf_counter() - start)
+                            time.perf_counter() - start, tuple(e.computed for e in run.evaluations))
 
     def _run_whole_model(self, config, start) -> SampleResult:
         """The pack's whole-model granularity: the cached module maps the noisy

@@ -148,7 +148,8 @@ def _patch_blocks(patched, adapter: BlockAdapter, block_keys) -> str:
                 original = original.original
             if original is None:
                 original = block_forward
-            patched.add_object_patch(path, CachedForward(kind, index, group.returned, original, block_forward))
+            patched.add_object_patch(path, CachedForward(kind, index, group.returned, original, block_forward,
+                                                         adapter.block_path(diffusion_model, kind, index)))
             hooks.add(f"object patches of {group.attribute}[i].forward")
     return " and ".join(sorted(hooks))
 

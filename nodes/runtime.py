@@ -33,7 +33,10 @@ import functools
 import inspect
 import logging
 import sys
+import threading
+import types
 from contextvars import ContextVar
+from typing import NamedTuple
 
 import torch
 
@@ -50,6 +53,10 @@ WRAPPER_KEY = "rfc_cache"
 SETTINGS_KEY = "rfc_cache_settings"
 SESSION_KEY = "rfc_cache_session"
 SUMMARY_EVENT = "rfc-cache.summary"
+# Set by a sequence-parallel pack in the model's transformer options: a
+# function that sums a tensor over the ranks that each hold a slice of the
+# tokens (see rfc_core.run.RFCRun, README "Multi-GPU").
+RANK_SUM_KEY = "rfc_cache_rank_sum"
 MODEL_MODULE = "model"
 # Where core's EasyCache and LazyCache nodes keep their state.
 EASYCACHE_KEY = "easycache"
@@ -110,7 +117,7 @@ def comfyui_version() -> str:
 class SamplingSession:
     """One sampling run of one patched model."""
 
-    def __init__(self, settings: CacheSettings, diffusion_model, skip_window, schedule=None):
+    def __init__(self, settings: CacheSettings, diffusion_model, skip_window, schedule=None, rank_sum=None):
         self.settings = settings
         self.adapter = settings.adapter
         self.diffusion_model = diffusion_model
@@ -118,7 +125,7 @@ class SamplingSession:
         self.granularity = settings.granularity
         config = settings.config
         self.run = RFCRun(config, settings.first_module, skip_window, schedule,
-                          storage_for(config.cache_device, config.cache_dtype))
+                          storage_for(config.cache_device, config.cache_dtype), rank_sum)
         # Streams each block actually returned (SD3's last block returns no
         # text stream) or that are empty (LTX-2 without audio); only the
         # others are cached and predicted.
@@ -129,10 +136,17 @@ class SamplingSession:
         # What the summary says about faults.
         self.fault_notes: list[str] = []
         self.warned_non_finite = False
-        # The block being predicted or computed: a cached block reached again
-        # inside it (another node's patch that wraps ours and was chained by
-        # us in turn) must only run, not be cached a second time.
-        self.running_module = None
+        # Per thread, the block being predicted or computed: a cached block
+        # reached again inside it (another node's patch that wraps ours and
+        # was chained by us in turn) must only run, not be cached a second
+        # time. Per thread because core's MultiGPU node runs each device's
+        # chunks in a worker thread of its own, on one session.
+        self._thread = threading.local()
+        # Guards what those threads share: the decision, counters, faults.
+        self.lock = threading.RLock()
+        # Every diffusion model the run's blocks ran in (the model and its
+        # MultiGPU clones), by id, for the adapters' end of run.
+        self.models_used: dict = {}
         # Blocks another node's forward patch may have taken from us, by
         # module key, until they reach the cache (see _forwards_replaced_later).
         self.unseen_blocks: dict = {}
@@ -168,9 +182,12 @@ class SamplingSession:
         fault moves the run to whole-model caching, a whole-model fault
         computes everything; the image is never lost. One warning line per
         fault (at most two a run), the traceback at DEBUG."""
+        with self.lock:
+            self._fail(where, sys.exc_info()[1])
+
+    def _fail(self, where: str, error) -> None:
         if self.caching_off:
             return
-        error = sys.exc_info()[1]
         what = f"{type(error).__name__}: {error}" if error is not None else "unknown error"
         evaluation = len(self.run.evaluations)
         family, version = self.settings.family, comfyui_version()
@@ -228,15 +245,27 @@ class SamplingSession:
     def run_block(self, kind: str, index: int, args: dict, compute, transformer_options: dict) -> dict:
         """Predict or compute one block. `compute(args)` runs the real block and
         returns what the block's caller reads back; the result has the same form."""
-        if self.running_module is not None:
+        if getattr(self._thread, "running_module", None) is not None:
             return compute(args)
-        self.running_module = (kind, index)
+        self._thread.running_module = (kind, index)
         if self.unseen_blocks:
-            self.unseen_blocks.pop(self.running_module, None)
+            self.unseen_blocks.pop((kind, index), None)
         try:
             return self._run_block(kind, index, args, compute, transformer_options)
         finally:
-            self.running_module = None
+            self._thread.running_module = None
+
+    def model_in_use(self):
+        """The diffusion model the block in progress runs in: under core's
+        MultiGPU node a device's clone, whose blocks (and weights on that
+        device) the module input must be read from."""
+        diffusion_model = active_diffusion_model()
+        if diffusion_model is None:
+            return self.diffusion_model
+        if id(diffusion_model) not in self.models_used:
+            with self.lock:
+                self.models_used[id(diffusion_model)] = diffusion_model
+        return diffusion_model
 
     def _units(self, kind: str, index: int, names) -> list[tuple]:
         """The cached modules of one block: (module key, its stream names)."""
@@ -253,9 +282,9 @@ class SamplingSession:
             build = (self.adapter.module_input if unit_key == self.run.first_module
                      else self.adapter.sampled_module_input)
             if group.separate_streams:
-                value = build(self.diffusion_model, kind, index, args, stream=names[0])
+                value = build(self.model_in_use(), kind, index, args, stream=names[0])
             else:
-                value = build(self.diffusion_model, kind, index, args)
+                value = build(self.model_in_use(), kind, index, args)
             # Estimators take per-sample norms over everything but dim 0.
             module_inputs[unit_key] = value.movedim(group.batch_dim, 0)
         return module_inputs
@@ -285,8 +314,7 @@ class SamplingSession:
                     outputs = run.predict_onto(chunk_key, unit_key, module_inputs.get(unit_key), bases)
                     for name, base, value in zip(unit_names, bases, outputs):
                         predicted[name] = value.view(base.shape).movedim(0, batch_dim)
-                run.modules_predicted += 1
-                run.current.predicted_modules += 1
+                run.count_module(predicted=True)
                 return adapter.write_streams(kind, predicted)
             # The block's inputs are kept before it runs: blocks may update
             # them in place (Flux's do). Straight into the cache's slots,
@@ -304,7 +332,9 @@ class SamplingSession:
             self.fail(f"predicting {module}")
             return compute(args)
         output = compute(args)
-        run.modules_computed += 1
+        run.count_module(predicted=False)
+        if not self.caches_blocks:  # another thread's fault moved the run on meanwhile
+            return output
         try:
             returned_streams = adapter.read_streams(kind, output)
             if in_slots:
@@ -337,15 +367,14 @@ class SamplingSession:
             module_input = pack(leaves) if run.needs_module_input(MODEL_MODULE) else None
             if run.predicts(chunk_key, MODEL_MODULE, module_input):
                 outputs = run.predict_onto(chunk_key, MODEL_MODULE, module_input, leaves)
-                run.modules_predicted += 1
-                run.current.predicted_modules += 1
+                run.count_module(predicted=True)
                 return rebuild_leaves(x, [value.view(leaf.shape) for value, leaf in zip(outputs, leaves)])
             kept = [leaf.clone() for leaf in leaves]
         except Exception:
             self.fail("predicting the model output")
             return compute()
         output = compute()
-        run.modules_computed += 1
+        run.count_module(predicted=False)
         try:
             output_leaves = tensor_leaves(output)
             if [t.shape for t in output_leaves] != [t.shape for t in leaves]:
@@ -359,7 +388,9 @@ class SamplingSession:
     def finish(self) -> str:
         self.run.finish()
         if self.adapter is not None:
-            self.adapter.end_run(self.diffusion_model)
+            for diffusion_model in self.models_used.values():
+                self.adapter.end_run(diffusion_model)
+            self.models_used.clear()
         self.returned_streams.clear()
         summary = f"RFC on {self.settings.family} ({self.settings.granularity}): {self.run.summary()}"
         if self.fault_notes:
@@ -438,11 +469,26 @@ def _send_summary(node_id: str | None, summary: str, run: RFCRun) -> None:
         logger.debug("RFC: could not send the summary to the front-end", exc_info=True)
 
 
-# The session and the transformer options of the model call in progress. Set
-# by the APPLY_MODEL wrapper, so blocks of families whose block arguments
+class ActiveCall(NamedTuple):
+    """The model call in progress on this thread: its session (None when the
+    run is not cached), its transformer options, and the diffusion model
+    running it, which under core's MultiGPU node is the device's own clone."""
+
+    session: SamplingSession | None
+    transformer_options: dict
+    diffusion_model: torch.nn.Module | None
+
+
+# Set by the APPLY_MODEL wrapper, so blocks of families whose block arguments
 # carry no transformer options (HunyuanDiT, Wan S2V, PixArt, object-patched
-# blocks) still find their session.
-_ACTIVE_CALL: ContextVar[tuple[SamplingSession, dict] | None] = ContextVar("rfc_active_call", default=None)
+# blocks) still find their session, and every block finds the model it runs
+# in. A context variable: each of MultiGPU's worker threads has its own.
+_ACTIVE_CALL: ContextVar[ActiveCall | None] = ContextVar("rfc_active_call", default=None)
+
+
+def active_diffusion_model():
+    active = _ACTIVE_CALL.get()
+    return None if active is None else active.diffusion_model
 
 
 def _session_for(args: dict) -> tuple[SamplingSession | None, dict]:
@@ -450,9 +496,9 @@ def _session_for(args: dict) -> tuple[SamplingSession | None, dict]:
     if isinstance(transformer_options, dict) and SESSION_KEY in transformer_options:
         return transformer_options[SESSION_KEY], transformer_options
     active = _ACTIVE_CALL.get()
-    if active is None:
+    if active is None or active.session is None:
         return None, {}
-    return active
+    return active.session, active.transformer_options
 
 
 class CachedBlock:
@@ -482,7 +528,8 @@ class CachedForward:
     """The object patch that replaces one block's `forward` in families
     without a block patch point. ComfyUI restores the original on unpatch."""
 
-    def __init__(self, kind: str, index: int, outputs: tuple[str, ...], original, block_forward=None):
+    def __init__(self, kind: str, index: int, outputs: tuple[str, ...], original, block_forward=None,
+                 block_path: str | None = None):
         self.kind = kind
         self.index = index
         self.outputs = outputs
@@ -492,21 +539,34 @@ class CachedForward:
         # Arguments are named by the block's own forward: a patch we chain
         # usually takes (*args, **kwargs).
         self.signature = inspect.signature(block_forward if block_forward is not None else original)
+        # Where the block is under the diffusion model: a MultiGPU clone gets
+        # this same object patch, and must run its own block, not ours.
+        self.block_path = block_path
+
+    def _forward(self, diffusion_model):
+        original = self.original
+        owner = getattr(original, "__self__", None)
+        if diffusion_model is None or self.block_path is None or not isinstance(owner, torch.nn.Module):
+            return original
+        block = diffusion_model.get_submodule(self.block_path)
+        return original if block is owner else types.MethodType(original.__func__, block)
 
     def __call__(self, *args, **kwargs):
-        session, transformer_options = _ACTIVE_CALL.get() or (None, {})
+        active = _ACTIVE_CALL.get()
+        forward = self._forward(None if active is None else active.diffusion_model)
+        session = None if active is None else active.session
         if session is None or not session.caches_blocks:
-            return self.original(*args, **kwargs)
+            return forward(*args, **kwargs)
         bound = self.signature.bind(*args, **kwargs)
         bound.apply_defaults()
 
         def compute(_):
-            returned = self.original(*bound.args, **bound.kwargs)
+            returned = forward(*bound.args, **bound.kwargs)
             if len(self.outputs) == 1:
                 return {self.outputs[0]: returned}
             return dict(zip(self.outputs, returned))
 
-        streams = session.run_block(self.kind, self.index, bound.arguments, compute, transformer_options)
+        streams = session.run_block(self.kind, self.index, bound.arguments, compute, active.transformer_options)
         if len(self.outputs) == 1:
             return streams[self.outputs[0]]
         return tuple(streams[name] for name in self.outputs)
@@ -592,7 +652,9 @@ def _start_session(guider, settings: CacheSettings, sigmas) -> tuple[SamplingSes
     model_patcher = guider.model_patcher
     diffusion_model = model_patcher.model.diffusion_model
     schedule = None if sigmas is None else [float(s) for s in sigmas.flatten()]
-    session = SamplingSession(settings, diffusion_model, _skip_window(model_patcher, settings.config), schedule)
+    rank_sum = guider.model_options.get("transformer_options", {}).get(RANK_SUM_KEY)
+    session = SamplingSession(settings, diffusion_model, _skip_window(model_patcher, settings.config), schedule,
+                              rank_sum)
     _warn_unreachable_target(session.run)
     run_options = _copy_nested(guider.model_options)
     run_options.setdefault("transformer_options", {})[SESSION_KEY] = session
@@ -658,11 +720,13 @@ def apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control
     def compute():
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 
-    if session is None or session.caching_off:
-        return compute()
-    token = _ACTIVE_CALL.set((session, transformer_options))
+    # The model this call runs on: under core's MultiGPU node, the device's clone.
+    diffusion_model = getattr(getattr(executor, "class_obj", None), "diffusion_model", None)
+    if session is not None and session.caching_off:
+        session = None
+    token = _ACTIVE_CALL.set(ActiveCall(session, transformer_options, diffusion_model))
     try:
-        if session.caches_model:
+        if session is not None and session.caches_model:
             return session.run_model(compute, x, transformer_options)
         return compute()
     finally:

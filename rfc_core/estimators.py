@@ -16,7 +16,7 @@ kernels on per-sample norms: nothing waits for the device.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -44,9 +44,13 @@ class TaylorEstimator:
 
     name = "taylor"
 
-    def __init__(self, order: int, storage: FeatureStorage | None = None, bank: WeightBank | None = None):
+    def __init__(self, order: int, storage: FeatureStorage | None = None, bank: WeightBank | None = None,
+                 norm: Callable[[torch.Tensor], torch.Tensor] = per_sample_norm):
         self.order = order
         self.history = FeatureHistory(order, storage, bank)
+        # Per-sample L2 norm, (batch, 1): over every sequence-parallel rank's
+        # tokens where the run has a reduction (rfc_core.run.RFCRun).
+        self.norm = norm
 
     @property
     def ready(self) -> bool:
@@ -97,8 +101,9 @@ class ReuseEstimator(TaylorEstimator):
 
     name = "reuse"
 
-    def __init__(self, order: int = 0, storage: FeatureStorage | None = None, bank: WeightBank | None = None):
-        super().__init__(0, storage, bank)
+    def __init__(self, order: int = 0, storage: FeatureStorage | None = None, bank: WeightBank | None = None,
+                 norm: Callable[[torch.Tensor], torch.Tensor] = per_sample_norm):
+        super().__init__(0, storage, bank, norm)
 
 
 class RelationalEstimator(TaylorEstimator):
@@ -132,8 +137,9 @@ class RelationalEstimator(TaylorEstimator):
 
     name = "rfe"
 
-    def __init__(self, order: int, storage: FeatureStorage | None = None, bank: WeightBank | None = None):
-        super().__init__(order, storage, bank)
+    def __init__(self, order: int, storage: FeatureStorage | None = None, bank: WeightBank | None = None,
+                 norm: Callable[[torch.Tensor], torch.Tensor] = per_sample_norm):
+        super().__init__(order, storage, bank, norm)
         # As stored (see FeatureHistory.values).
         self.last_input: torch.Tensor | None = None
         # (batch, 1, slots) float32: -1 at the newest slot and +1 at the one
@@ -151,7 +157,7 @@ class RelationalEstimator(TaylorEstimator):
         history = self.history
         self.input_step = None
         if self.last_input is not None and self.last_input.shape == module_input.shape and len(history) >= 2:
-            change = per_sample_norm(module_input - self._last_input(module_input))
+            change = self.norm(module_input - self._last_input(module_input))
             inverse_change = (1.0 / change.clamp_min(_TINY)).view(-1, 1, 1)
             # (newest - older slot) / |I(t) - I(t+N)|: the slot weights move
             # along it by the input change, see `weights`.
@@ -159,7 +165,7 @@ class RelationalEstimator(TaylorEstimator):
             if self.order >= 2:
                 newest, older = history.slots[:2]
                 self.output_change = torch.cat([
-                    per_sample_norm(values[:, newest] - values[:, older]).square() for values in history.values
+                    self.norm(values[:, newest] - values[:, older]).square() for values in history.values
                 ], dim=1).sum(dim=1, keepdim=True).sqrt()
         self.last_input = history.storage.keep(module_input)
         values = history.values[0]
@@ -185,7 +191,7 @@ class RelationalEstimator(TaylorEstimator):
             return taylor
         values = history.values[0]
         batch = values.shape[0]
-        input_change = per_sample_norm(module_input - self._last_input(module_input)).view(batch, 1, 1)
+        input_change = self.norm(module_input - self._last_input(module_input)).view(batch, 1, 1)
         newest, older = history.slots[:2]
         if len(history) == 2:
             # With two points Taylor's weights are (1 - L, L) on (newest,
@@ -211,7 +217,7 @@ class RelationalEstimator(TaylorEstimator):
         newest_weights = history.newest_by_slot()
         direction = [t - n for t, n in zip(taylor, newest_weights)]
         step = history.combine(direction)
-        step_norm = torch.cat([per_sample_norm(s).square() for s in step], dim=1).sum(dim=1, keepdim=True).sqrt()
+        step_norm = torch.cat([self.norm(s).square() for s in step], dim=1).sum(dim=1, keepdim=True).sqrt()
         relative_step = (step_norm / self.output_change.clamp_min(_TINY)).view(batch, 1, 1)
         # relational = |I - I(t)| / |I(t) - I(t+N)|, read off input_step's older slot.
         relational = input_change * self.input_step[..., older:older + 1]
@@ -240,6 +246,6 @@ ESTIMATORS = {
 }
 
 
-def make_estimator(kind: str, order: int, storage: FeatureStorage | None = None,
-                   bank: WeightBank | None = None) -> TaylorEstimator:
-    return ESTIMATORS[kind](order, storage, bank)
+def make_estimator(kind: str, order: int, storage: FeatureStorage | None = None, bank: WeightBank | None = None,
+                   norm: Callable[[torch.Tensor], torch.Tensor] = per_sample_norm) -> TaylorEstimator:
+    return ESTIMATORS[kind](order, storage, bank, norm)

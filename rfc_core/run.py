@@ -11,14 +11,15 @@ every other chunk follows it.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
-from typing import Hashable, Sequence
+from typing import Callable, Hashable, Sequence
 
 import torch
 
 from .budget import EvaluationPlan, SpeedupScheduler
 from .config import CacheConfig
-from .estimators import TaylorEstimator, make_estimator
+from .estimators import TaylorEstimator, make_estimator, per_sample_norm
 from .history import FeatureHistory, WeightBank, flat
 from .schedulers import make_scheduler
 from .storage import FeatureStorage
@@ -54,15 +55,22 @@ class ChunkCache:
 class RFCRun:
     def __init__(self, config: CacheConfig, first_module: Hashable,
                  skip_window: tuple[float, float] | None = None, schedule: Sequence[float] | None = None,
-                 storage: FeatureStorage | None = None):
+                 storage: FeatureStorage | None = None, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None):
         """skip_window: (highest, lowest) sigma; evaluations with
         lowest < sigma <= highest may be skipped. None allows every sigma.
         schedule: the run's sigmas, the last one where sampling ends; read
-        only with a speedup target, which needs it. storage: where cached features are kept."""
+        only with a speedup target, which needs it. storage: where cached features are kept.
+        reduce: under sequence parallelism, where each rank holds a slice of
+        the tokens, a function returning the sum of a tensor over the ranks
+        (an all-reduce). The forecast error's two sums and every norm RFE
+        takes are then global, so every rank takes the same decisions and
+        the same relational steps as one unsplit run would."""
         self.config = config
         self.first_module = first_module
         self.skip_window = skip_window
         self.storage = storage or FeatureStorage()
+        self.reduce = reduce
+        self.norm = per_sample_norm if reduce is None else self._global_norm
         # Slot weights shared by every module's history within an evaluation.
         self.bank = WeightBank()
         # Only a speedup target needs to know the evaluations still to come.
@@ -89,6 +97,10 @@ class RFCRun:
         # Set when caching is switched off for the rest of the run (a
         # fault): evaluations are still counted, all of them computed.
         self.off_reason: str | None = None
+        # Chunks of one evaluation may run in threads of their own (one per
+        # device under core's MultiGPU node): the first to reach the first
+        # module decides, under this lock, and the others wait and follow.
+        self._lock = threading.RLock()
 
     @property
     def current(self) -> Evaluation | None:
@@ -127,8 +139,19 @@ class RFCRun:
     def sigma(self) -> float:
         """The current evaluation's sigma; one host sync the first time it is
         needed, when the decision did not already bring it."""
-        self._read_pending_sigma()
+        if self._timestep is not None:
+            with self._lock:
+                self._read_pending_sigma()
         return self.current.sigma
+
+    def count_module(self, predicted: bool) -> None:
+        """Count a module (block or model call) that was predicted or computed."""
+        with self._lock:
+            if predicted:
+                self.modules_predicted += 1
+                self.current.predicted_modules += 1
+            else:
+                self.modules_computed += 1
 
     def switch_off(self, reason: str) -> None:
         """Compute everything from here on; the evaluation in progress keeps
@@ -171,6 +194,9 @@ class RFCRun:
         warmup = min(self.config.warmup, len(sigmas))
         return len(sigmas) / (warmup + self.fewest_full(sigmas[warmup:], 0))
 
+    def _global_norm(self, t: torch.Tensor) -> torch.Tensor:
+        return self.reduce(per_sample_norm(t).square()).sqrt()
+
     def _forced_reason(self, chunk: ChunkCache) -> str | None:
         """Why this evaluation must be computed whatever its sigma."""
         config = self.config
@@ -207,8 +233,10 @@ class RFCRun:
         # actual - forecast, in one kernel where the cache is in the input's dtype.
         (difference,) = history.combine(weights, [actual])
         sums = torch.stack((torch.linalg.vector_norm(difference, ord=1, dtype=torch.float32),
-                            torch.linalg.vector_norm(actual, ord=1, dtype=torch.float32), timestep.reshape(())))
-        difference, size, sigma = sums.tolist()
+                            torch.linalg.vector_norm(actual, ord=1, dtype=torch.float32)))
+        if self.reduce is not None:
+            sums = self.reduce(sums)
+        difference, size, sigma = torch.cat((sums, timestep.reshape(1))).tolist()
         error = 0.0 if size == 0.0 else difference / size
         # An input with inf or NaN in it cannot be judged: compute.
         return (error if math.isfinite(error) else math.inf), sigma
@@ -282,7 +310,9 @@ class RFCRun:
             return False
         chunk = self.chunks.setdefault(chunk_key, ChunkCache())
         if self._skip is None and module_key == self.first_module:
-            self._settle(self._decide_skip(chunk, module_input))
+            with self._lock:
+                if self._skip is None:
+                    self._settle(self._decide_skip(chunk, module_input))
         estimator = chunk.modules.get(module_key)
         return bool(self._skip) and estimator is not None and estimator.ready
 
@@ -298,8 +328,7 @@ class RFCRun:
         """The predicted residual of this module, or None when it must be computed."""
         if not self.predicts(chunk_key, module_key, module_input):
             return None
-        self.modules_predicted += 1
-        self.current.predicted_modules += 1
+        self.count_module(predicted=True)
         return self.chunks[chunk_key].modules[module_key].predict(self.sigma, module_input)
 
     def _estimator(self, chunk_key: Hashable, module_key: Hashable) -> TaylorEstimator:
@@ -307,7 +336,7 @@ class RFCRun:
         estimator = chunk.modules.get(module_key)
         if estimator is None:
             estimator = chunk.modules[module_key] = make_estimator(self.config.estimator, self.config.order,
-                                                                  self.storage, self.bank)
+                                                                  self.storage, self.bank, self.norm)
         return estimator
 
     def records(self) -> bool:
@@ -329,7 +358,7 @@ class RFCRun:
                module_input: torch.Tensor | None, residual) -> None:
         """Count a computed module and store its residual (`store`). With
         `predict`, the interface for callers that count nothing themselves."""
-        self.modules_computed += 1
+        self.count_module(predicted=False)
         self.store(chunk_key, module_key, module_input, residual)
 
     def store(self, chunk_key: Hashable, module_key: Hashable,

@@ -146,11 +146,12 @@ def test_object_patched_forward_predicts_and_restores(threshold, expected_calls)
     settings = runtime.CacheSettings(config, "stand_in", "blocks", adapter, ("layer", 0), None)
     session = runtime.SamplingSession(settings, model, None)
     for index, layer in enumerate(model.layers):
-        layer.forward = runtime.CachedForward("layer", index, ("x",), types.MethodType(StandInBlock.forward, layer))
+        layer.forward = runtime.CachedForward("layer", index, ("x",), types.MethodType(StandInBlock.forward, layer),
+                                              block_path=f"layers.{index}")
 
     def evaluate(x, sigma):
         session.start_evaluation(float(sigma))
-        token = runtime._ACTIVE_CALL.set((session, {"cond_or_uncond": [0]}))
+        token = runtime._ACTIVE_CALL.set(runtime.ActiveCall(session, {"cond_or_uncond": [0]}, model))
         try:
             return model(x, sigma)
         finally:

@@ -316,22 +316,18 @@ class SamplingSession:
                         predicted[name] = value.view(base.shape).movedim(0, batch_dim)
                 run.count_module(predicted=True)
                 return adapter.write_streams(kind, predicted)
-            # The block's inputs are kept before it runs: blocks may update
-            # them in place (Flux's do). Straight into the cache's slots,
-            # where the residual is then formed in place.
             in_slots = returns_known and run.storage.device is None and run.records()
-            kept = []
-            for unit_key, unit_names in units:
-                streams = [flat(batch_first(inputs[name], batch_dim)) for name in unit_names]
-                targets = (run.reserve(chunk_key, unit_key, streams) if in_slots
-                           else [torch.empty_like(stream) for stream in streams])
-                for target, stream in zip(targets, streams):
-                    target.copy_(stream)
-                kept.append(targets)
+            kept = self._keep_inputs(chunk_key, units, inputs, batch_dim, in_slots)
         except Exception:
             self.fail(f"predicting {module}")
             return compute(args)
-        output = compute(args)
+        try:
+            output = compute(args)
+        except BaseException:
+            # A traceback the caller keeps (an interrupted run) must not keep
+            # the cache's slots alive through this frame.
+            kept = None
+            raise
         run.count_module(predicted=False)
         if not self.caches_blocks:  # another thread's fault moved the run on meanwhile
             return output
@@ -355,6 +351,21 @@ class SamplingSession:
             self.fail(f"recording {module}")
         return output
 
+    def _keep_inputs(self, chunk_key, units, inputs: dict, batch_dim: int, in_slots: bool) -> list:
+        """The block's inputs, kept before it runs: blocks may update them in
+        place (Flux's do). Straight into the cache's slots where it can,
+        where the residual is then formed in place; per unit, one
+        (batch, features) tensor per stream."""
+        kept = []
+        for unit_key, unit_names in units:
+            streams = [flat(batch_first(inputs[name], batch_dim)) for name in unit_names]
+            targets = (self.run.reserve(chunk_key, unit_key, streams) if in_slots
+                       else [torch.empty_like(stream) for stream in streams])
+            for target, stream in zip(targets, streams):
+                target.copy_(stream)
+            kept.append(targets)
+        return kept
+
     def run_model(self, compute, x, transformer_options: dict):
         """Whole-model granularity: the model call is the one cached module,
         the noisy latent its input, the denoised latent minus it the residual.
@@ -373,7 +384,11 @@ class SamplingSession:
         except Exception:
             self.fail("predicting the model output")
             return compute()
-        output = compute()
+        try:
+            output = compute()
+        except BaseException:
+            kept = None
+            raise
         run.count_module(predicted=False)
         try:
             output_leaves = tensor_leaves(output)

@@ -17,13 +17,15 @@ on top of the block's own) and per model evaluation (the decision), next to
 the physical limit of a skipped block, and a roofline projection of those
 counts onto an H200 at FLUX.1-dev 1024x1024: a model, not a measurement.
 
-    python -m benchmarks.overhead            # about a minute on 2 CPU cores
+    python -m benchmarks.overhead            # about 40 seconds on 2 CPU cores
+    python -m benchmarks.overhead --time     # on a CUDA GPU: also 50-step runs at FLUX.1-dev size, timed
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -311,10 +313,120 @@ def counts_at_flux_dev(steps: int = 8) -> dict[str, Cost]:
     return {name: Cost(cost.kernels, traffic[name].bytes, cost.syncs) for name, cost in narrow.items()}
 
 
+class Timer:
+    """Wall time of a stretch of work on `device`: CUDA events on a GPU
+    (no sync inside the timed work), the host clock elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __enter__(self):
+        if self.cuda:
+            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.end.record()
+            torch.cuda.synchronize()
+            self.seconds = self.start.elapsed_time(self.end) / 1000
+        else:
+            self.seconds = time.perf_counter() - self.started
+
+
+def timed_runs(device: torch.device, config: dict, blocks: tuple[int, int], tokens: tuple[int, int],
+               steps: int = 50) -> list[tuple[str, float, int]]:
+    """(run, seconds, full computations) for a plain `steps`-step run and RFC
+    at NFC 10 and 14, per block and whole model, side by side on one model
+    (random weights, bf16): what `--time` prints."""
+    load_pack()
+    runtime = sys.modules[f"{PACK_NAME}.nodes.runtime"]
+    rfc = sys.modules[f"{PACK_NAME}.rfc_core"]
+    adapter = sys.modules[f"{PACK_NAME}.nodes.adapters"].adapter_for("flux")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = TinyFlux({**config, "depth": blocks[0], "depth_single_blocks": blocks[1]}).to(torch.bfloat16)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0, 0.02)
+    side = 2 * int(tokens[0] ** 0.5)
+    x0 = torch.randn(1, config["in_channels"], side, side, dtype=torch.bfloat16, device=device)
+    context = torch.randn(1, tokens[1], config["context_in_dim"], dtype=torch.bfloat16, device=device)
+    pooled = torch.randn(1, config["vec_in_dim"], dtype=torch.bfloat16, device=device)
+    sigmas = torch.linspace(1, 0, steps + 1, device=device)
+
+    def sample(granularity: str | None, nfc: int) -> tuple[float, int]:
+        options = {"cond_or_uncond": [0]}
+        session = None
+        if granularity is not None:
+            # The speedup target spends exactly `nfc` full computations.
+            config_ = rfc.CacheConfig(target_speedup=steps / nfc, max_skip=8)
+            first = ("double_block", 0) if granularity == "blocks" else runtime.MODEL_MODULE
+            settings = runtime.CacheSettings(config_, "flux", granularity, adapter if granularity == "blocks" else None,
+                                             first, None)
+            session = runtime.SamplingSession(settings, model, None, sigmas.tolist())
+            options[runtime.SESSION_KEY] = session
+            if granularity == "blocks":
+                options["patches_replace"] = {"dit": {key: runtime.CachedBlock(*key)
+                                                      for key in adapter.block_keys(model)}}
+        x = x0.clone()
+        with torch.no_grad(), Timer(device) as timer:
+            for step in range(steps):
+                timestep = sigmas[step:step + 1]
+
+                def call(latent):
+                    return model(latent, timestep.to(torch.bfloat16), context, pooled, options)
+
+                if session is None:
+                    output = call(x)
+                else:
+                    session.start_evaluation(timestep)
+                    output = session.run_model(lambda: call(x), x, options) if granularity == "model" else call(x)
+                    if session.prediction_unusable([output]):
+                        output = call(x)
+                x = x - (sigmas[step] - sigmas[step + 1]) * output
+        if session is None:
+            return timer.seconds, steps
+        session.finish()
+        return timer.seconds, session.run.computed_evaluations
+
+    sample(None, steps)  # warm-ups: allocator, kernels, the pack's first run
+    sample("blocks", 10)
+    runs = [("plain", *sample(None, steps))]
+    for nfc in (10, 14):
+        runs.append((f"RFC blocks, NFC {nfc}", *sample("blocks", nfc)))
+        runs.append((f"RFC whole model, NFC {nfc}", *sample("model", nfc)))
+    return runs
+
+
+def print_timings(device: torch.device) -> None:
+    if device.type == "cuda":
+        config, blocks, tokens, size = FLUX_DEV, FLUX_DEV_BLOCKS, FLUX_DEV_TOKENS, "FLUX.1-dev 1024x1024"
+    else:  # a smoke run of the same code: nothing to read into its times
+        config, blocks, tokens, size = NARROW_FLUX, (2, 2), (64, 8), "a narrow model on the CPU"
+    runs = timed_runs(device, config, blocks, tokens)
+    plain = runs[0][1]
+    print(f"### Measured on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, {size}, "
+          f"50 steps, random weights, bf16")
+    print()
+    print("| run | full computations | time | vs plain | ideal |")
+    print("|---|---|---|---|---|")
+    for name, seconds, computed in runs:
+        print(f"| {name} | {computed} | {seconds:.2f} s | {seconds / plain:.2f} | {computed / 50:.2f} |")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--time", action="store_true",
+                        help="also time 50-step runs (at FLUX.1-dev size on a CUDA GPU)")
     args = parser.parse_args(argv)
+    if args.time:
+        print_timings(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        print()
     summary = counts_at_flux_dev(args.steps)
     residual_mib = sum(FLUX_DEV_TOKENS) * FLUX_DEV["hidden_size"] * 2 / 2**20
     print(f"### The pack's own cost at FLUX.1-dev size (3072 wide, bf16, {sum(FLUX_DEV_TOKENS)} tokens; "

@@ -60,6 +60,9 @@ RANK_SUM_KEY = "rfc_cache_rank_sum"
 MODEL_MODULE = "model"
 # Where core's EasyCache and LazyCache nodes keep their state.
 EASYCACHE_KEY = "easycache"
+# What core's MultiGPU node sets in the transformer options of each device's
+# model call, run in a worker thread of its own.
+MULTIGPU_THREAD_KEY = "multigpu_thread_device"
 # Transformer options a sampler sets when it keeps state of its own across
 # model calls, which a predicted call would corrupt: such runs are not cached.
 SAMPLER_STATE_KEYS = {
@@ -334,23 +337,25 @@ class SamplingSession:
         try:
             returned_streams = adapter.read_streams(kind, output)
             if in_slots:
-                for (unit_key, unit_names), targets in zip(units, kept):
-                    for name, target in zip(unit_names, targets):
-                        torch.sub(flat(batch_first(returned_streams[name], batch_dim)), target, out=target)
-                    run.commit(chunk_key, unit_key, module_inputs.get(unit_key))
+                with torch.no_grad():  # the cache is never differentiated through
+                    for (unit_key, unit_names), targets in zip(units, kept):
+                        for name, target in zip(unit_names, targets):
+                            torch.sub(flat(batch_first(returned_streams[name], batch_dim)), target, out=target)
+                        run.commit(chunk_key, unit_key, module_inputs.get(unit_key))
                 return output
             returned = tuple(name for name in names if returned_streams.get(name) is not None)
             self.returned_streams[block_key] = returned
             kept_by_name = {name: target for (_, unit_names), targets in zip(units, kept)
                             for name, target in zip(unit_names, targets)}
             for unit_key, unit_names in self._units(kind, index, returned):
-                residuals = [flat(batch_first(returned_streams[name], batch_dim)) - kept_by_name[name]
+                residuals = [flat(batch_first(returned_streams[name], batch_dim)).detach() - kept_by_name[name]
                              for name in unit_names]
                 run.store(chunk_key, unit_key, module_inputs.get(unit_key), residuals)
         except Exception:
             self.fail(f"recording {module}")
         return output
 
+    @torch.no_grad()
     def _keep_inputs(self, chunk_key, units, inputs: dict, batch_dim: int, in_slots: bool) -> list:
         """The block's inputs, kept before it runs: blocks may update them in
         place (Flux's do). Straight into the cache's slots where it can,
@@ -380,7 +385,7 @@ class SamplingSession:
                 outputs = run.predict_onto(chunk_key, MODEL_MODULE, module_input, leaves)
                 run.count_module(predicted=True)
                 return rebuild_leaves(x, [value.view(leaf.shape) for value, leaf in zip(outputs, leaves)])
-            kept = [leaf.clone() for leaf in leaves]
+            kept = [leaf.detach().clone() for leaf in leaves]
         except Exception:
             self.fail("predicting the model output")
             return compute()
@@ -394,7 +399,7 @@ class SamplingSession:
             output_leaves = tensor_leaves(output)
             if [t.shape for t in output_leaves] != [t.shape for t in leaves]:
                 raise TypeError("the model output is not shaped like its input")
-            residuals = [flat(value) - flat(leaf).to(value.dtype) for value, leaf in zip(output_leaves, kept)]
+            residuals = [flat(value).detach() - flat(leaf).to(value.dtype) for value, leaf in zip(output_leaves, kept)]
             run.store(chunk_key, MODEL_MODULE, module_input, residuals)
         except Exception:
             self.fail("recording the model output")
@@ -735,8 +740,16 @@ def apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control
     def compute():
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 
-    # The model this call runs on: under core's MultiGPU node, the device's clone.
+    # The model this call runs on where it may not be the one the blocks were
+    # patched on: under core's MultiGPU node, the device's clone (ComfyUI
+    # names the device of each of its worker threads). None in the common
+    # case, which also keeps torch.compile's tracer from meeting the model a
+    # second time through this variable.
     diffusion_model = getattr(getattr(executor, "class_obj", None), "diffusion_model", None)
+    diffusion_model = getattr(diffusion_model, "_orig_mod", diffusion_model)  # under TorchCompileModel
+    if (session.diffusion_model is diffusion_model if session is not None
+            else MULTIGPU_THREAD_KEY not in transformer_options):
+        diffusion_model = None
     if session is not None and session.caching_off:
         session = None
     token = _ACTIVE_CALL.set(ActiveCall(session, transformer_options, diffusion_model))

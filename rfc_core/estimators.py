@@ -184,6 +184,7 @@ class RelationalEstimator(TaylorEstimator):
     def _last_input(self, like: torch.Tensor) -> torch.Tensor:
         return self.last_input.to(device=like.device, dtype=like.dtype)
 
+    @torch.no_grad()
     def weights(self, sigma: float, module_input: torch.Tensor | None):
         history = self.history
         taylor = history.weights_by_slot(sigma)

@@ -210,6 +210,7 @@ class RFCRun:
             return "no history yet"
         return None
 
+    @torch.no_grad()
     def _forecast_error_and_sigma(self, chunk: ChunkCache, module_input: torch.Tensor) -> tuple[float, float]:
         """The relative L1 error of the first module's input against its
         forecast, and the evaluation's sigma, in one host sync. The forecast
@@ -342,6 +343,7 @@ class RFCRun:
     def records(self) -> bool:
         return self.current is not None and self.off_reason is None
 
+    @torch.no_grad()
     def reserve(self, chunk_key: Hashable, module_key: Hashable, likes) -> list[torch.Tensor] | None:
         """Where a module about to be computed writes its residual, one
         (batch, features) tensor per stream; None when nothing is recorded."""
@@ -349,6 +351,7 @@ class RFCRun:
             return None
         return self._estimator(chunk_key, module_key).reserve(self.sigma, likes)
 
+    @torch.no_grad()
     def commit(self, chunk_key: Hashable, module_key: Hashable, module_input: torch.Tensor | None) -> None:
         """The reserved residual is written: keep it, with the module input."""
         self._estimator(chunk_key, module_key).commit(module_input)
@@ -361,6 +364,7 @@ class RFCRun:
         self.count_module(predicted=False)
         self.store(chunk_key, module_key, module_input, residual)
 
+    @torch.no_grad()
     def store(self, chunk_key: Hashable, module_key: Hashable,
               module_input: torch.Tensor | None, residual) -> None:
         """Keep a computed module's residual (output minus input): a tensor,
@@ -377,6 +381,7 @@ class RFCRun:
                 chunk.first_input = FeatureHistory(self.config.order, self.storage, self.bank)
             chunk.first_input.push(self.sigma, [module_input])
 
+    @torch.no_grad()
     def drop_non_finite(self) -> int:
         """Drop every module whose cached values hold inf or NaN (one host
         sync over the whole cache; only after a prediction came out

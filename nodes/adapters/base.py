@@ -4,6 +4,7 @@ updates, and how to get the block's cheap module input."""
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Hashable
 
@@ -89,6 +90,13 @@ def sampled_tail(tokens: int, tail: int, stride: int) -> int:
     return -(-tokens // stride) - -(-(tokens - tail) // stride)
 
 
+def sample_of(full: torch.Tensor, tokens_step: int, channels_step: int) -> torch.Tensor:
+    """A (batch, tokens, channels) module input's sample, for the rarer
+    cases an adapter builds in full (other families' sampled inputs are
+    built on the sample itself)."""
+    return full[:, ::tokens_step][..., ::channels_step]
+
+
 def reads_weights_directly(layer, like: torch.Tensor) -> bool:
     """Whether a linear layer's weight can be sliced and used as it is: an
     ordinary Linear whose weight already has the input's dtype and device.
@@ -132,6 +140,54 @@ def modulate_rows_by_gain(normed: torch.Tensor, gain: torch.Tensor, shift: torch
     head = normed.shape[1] - tail_tokens
     return torch.cat((torch.addcmul(shift[:, :1], normed[:, :head], gain[:, :1]),
                       torch.addcmul(shift[:, 1:2], normed[:, head:], gain[:, 1:2])), dim=1)
+
+
+class SampledRows:
+    """The rows of every block's adaLN modulation linear that sampled module
+    inputs need (the first `chunks` chunks of `width` rows, e.g. shift and
+    scale, every stride-th channel; `width` is the stream's), stacked: one addmm per model call gives
+    them for all blocks instead of a matmul over each block's whole
+    modulation matrix. The bias of the chunks from `gain_from` on gets 1
+    added, so a scale comes out as the gain 1 + scale. Made the first time a
+    run needs it, dropped when the run ends (BlockAdapter.end_run): its copy
+    of those rows (1/18 of the modulation weights at FLUX.1-dev size) lives
+    as long as the run. A LoRA or hook that replaces a block's modulation
+    parameters makes it rebuild."""
+
+    def __init__(self, layers: dict, stride: int, chunks: int, gain_from: int, width: int):
+        self.layers = layers
+        self.chunks = chunks
+        self.parameters = {key: (layer.weight, layer.bias) for key, layer in layers.items()}
+        weights, biases, self.rows = [], [], {}
+        start = 0
+        for key, layer in layers.items():
+            rows = slice(0, chunks * width, stride)
+            weight = layer.weight[rows]
+            bias = layer.bias[rows].clone() if layer.bias is not None else weight.new_zeros(weight.shape[0])
+            bias[gain_from * bias.shape[0] // chunks:] += 1
+            weights.append(weight)
+            biases.append(bias)
+            self.rows[key] = (start, start + weight.shape[0])
+            start += weight.shape[0]
+        self.weight = torch.cat(weights)
+        self.bias = torch.cat(biases)
+        self._last: tuple | None = None
+
+    def is_current(self) -> bool:
+        return all(layer.weight is weight and layer.bias is bias
+                   for (weight, bias), layer in zip(self.parameters.values(), self.layers.values()))
+
+    def prepare(self, conditioning: torch.Tensor) -> None:
+        """Every block's rows for this model call's conditioning vector (silu, then the linear)."""
+        if self._last is None or self._last[0] is not conditioning:
+            product = torch.addmm(self.bias, torch.nn.functional.silu(conditioning), self.weight.t())
+            self._last = (conditioning, product)
+
+    def rows_for(self, key, conditioning: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The block's chunks, (batch, width / stride) each."""
+        self.prepare(conditioning)
+        start, end = self.rows[key]
+        return self._last[1][:, start:end].chunk(self.chunks, dim=-1)
 
 
 def blocks_of(container) -> list[torch.nn.Module]:
@@ -226,8 +282,40 @@ class BlockAdapter:
         group = self.group(kind)
         return args[group.streams[0]].detach().clone()
 
+    def modulation_linear(self, diffusion_model, kind: str, index: int):
+        """The linear layer, applied to silu of the block's conditioning
+        vector, whose first chunks of rows modulate the block's module input;
+        adapters that build sampled module inputs from SampledRows name it."""
+        return None
+
+    def sampled_rows(self, diffusion_model, conditioning: torch.Tensor, stride: int, chunks: int,
+                     gain_from: int, width: int) -> SampledRows | None:
+        """This run's SampledRows of the model, or None where the stride keeps
+        every channel or some block's modulation cannot be read directly
+        (then the module input goes through the layer itself). The first
+        block's full module input, taken once per model call, computes the
+        rows for this call, so the later blocks only read them."""
+        stacks = self.__dict__.setdefault("_sampled_rows", weakref.WeakKeyDictionary())
+        stack = stacks.get(diffusion_model, False)
+        if stride == 1:
+            if stack and stack.is_current():
+                stack.prepare(conditioning)
+            return None
+        if stack is False or (stack is not None and not stack.is_current()):
+            layers = {}
+            for kind, index in self.block_keys(diffusion_model):
+                layer = self.modulation_linear(diffusion_model, kind, index)
+                if not reads_weights_directly(layer, conditioning):
+                    layers = None
+                    break
+                layers[(kind, index)] = layer
+            stack = stacks[diffusion_model] = (SampledRows(layers, stride, chunks, gain_from, width) if layers
+                                               else None)
+        return stack
+
     def end_run(self, diffusion_model) -> None:
         """A sampling run of this model ended: drop anything kept for it."""
+        self.__dict__.get("_sampled_rows", {}).pop(diffusion_model, None)
 
     def sampled_module_input(self, diffusion_model, kind, index, args, **stream) -> torch.Tensor:
         """The module input of every block but the first, where only its

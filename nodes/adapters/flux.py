@@ -18,58 +18,10 @@ reference tokens, the last tokens of the image stream, take the second.
 
 from __future__ import annotations
 
-import weakref
-
-import torch
-
-from .base import (BlockAdapter, BlockGroup, channel_stride, modulate_rows_by_gain, reads_weights_directly,
-                   reference_tokens, sampled_tail, token_stride)
+from .base import BlockAdapter, BlockGroup, channel_stride, modulate_rows_by_gain, reference_tokens, sampled_tail, token_stride
 
 # Where each FLUX.1 block keeps its own modulation, by block kind.
 OWN_MODULATION = {"double_block": "img_mod", "single_block": "modulation"}
-
-class StackedModulation:
-    """FLUX.1 blocks own their modulation. A sampled module input needs, of
-    each, the shift and 1 + scale of every stride-th channel: these rows of
-    every block are stacked, so one addmm per model call gives them for all
-    blocks instead of one small matmul per block. Made the first time a run
-    needs it and dropped when the run ends (FluxAdapter.end_run), so its
-    copy of those rows (1/18 of the modulation weights at FLUX.1-dev size)
-    lives only as long as the run. A LoRA or hook that replaces a block's
-    modulation parameters makes it rebuild."""
-
-    def __init__(self, layers: dict, stride: int):
-        self.layers = layers
-        self.parameters = {key: (layer.weight, layer.bias) for key, layer in layers.items()}
-        weights, biases, self.rows = [], [], {}
-        start = 0
-        for key, layer in layers.items():
-            weight = layer.weight[0:2 * layer.in_features:stride]
-            bias = layer.bias[0:2 * layer.in_features:stride].clone() if layer.bias is not None \
-                else weight.new_zeros(weight.shape[0])
-            bias[bias.shape[0] // 2:] += 1  # the scale half: 1 + scale
-            weights.append(weight)
-            biases.append(bias)
-            self.rows[key] = (start, start + weight.shape[0])
-            start += weight.shape[0]
-        self.weight = torch.cat(weights)
-        self.bias = torch.cat(biases)
-        self._last: tuple | None = None
-
-    def is_current(self) -> bool:
-        return all(layer.weight is weight and layer.bias is bias
-                   for (weight, bias), layer in zip(self.parameters.values(), self.layers.values()))
-
-    def prepare(self, vec: torch.Tensor) -> None:
-        """Compute every block's rows for this model call's `vec`."""
-        if self._last is None or self._last[0] is not vec:
-            self._last = (vec, torch.addmm(self.bias, torch.nn.functional.silu(vec), self.weight.t()))
-
-    def shift_gain(self, key, vec: torch.Tensor):
-        self.prepare(vec)
-        start, end = self.rows[key]
-        return self._last[1][:, start:end].chunk(2, dim=-1)
-
 
 class _FluxLikeAdapter(BlockAdapter):
     """Flux and Chroma blocks share their norms and differ only in where the
@@ -121,54 +73,20 @@ class FluxAdapter(_FluxLikeAdapter):
     family = "flux"
     model_classes = ("comfy.ldm.flux.model.Flux",)
 
-    def __init__(self):
-        # Per diffusion model during a run: its StackedModulation, or None
-        # where some block's modulation cannot be read directly.
-        self._stacks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
     def image_shift_gain(self, diffusion_model, kind, index, block, args, stride):
         # FLUX.1 blocks own their modulation; FLUX.2 blocks have none and get it in `vec`.
         modulation_layer = getattr(block, OWN_MODULATION[kind], None)
         if modulation_layer is None:
             return passed_in_shift_gain(kind, args["vec"], stride)
         vec = args["vec"]
-        layer = getattr(modulation_layer, "lin", None)
-        if not reads_weights_directly(layer, vec):
-            modulation = modulation_layer(vec)[0]
-            return modulation.shift[..., ::stride], 1 + modulation.scale[..., ::stride]
-        if stride > 1:
-            stack = self._stack(diffusion_model, vec, stride)
-            if stack is not None:
-                return stack.shift_gain((kind, index), vec)
-        else:
-            # The full module input is the first block's, taken once per model
-            # call: the stacked rows the later blocks need are made with it.
-            stack = self._stacks.get(diffusion_model)
-            if stack is not None and stack.is_current():
-                stack.prepare(vec)
-        # Only the rows of the shift and scale channels, the first two of its
-        # chunks (shift, scale, gate, ...).
-        rows = slice(0, 2 * layer.in_features, stride)
-        shift, scale = torch.nn.functional.linear(torch.nn.functional.silu(vec), layer.weight[rows],
-                                                  None if layer.bias is None else layer.bias[rows]).chunk(2, dim=-1)
-        return shift, 1 + scale
+        stack = self.sampled_rows(diffusion_model, vec, stride, chunks=2, gain_from=1, width=args["img"].shape[-1])
+        if stack is not None:
+            return stack.rows_for((kind, index), vec)
+        modulation = modulation_layer(vec)[0]
+        return modulation.shift[..., ::stride], 1 + modulation.scale[..., ::stride]
 
-    def _stack(self, diffusion_model, vec, stride) -> StackedModulation | None:
-        stack = self._stacks.get(diffusion_model, False)
-        if stack is False or (stack is not None and not stack.is_current()):
-            layers = {}
-            for kind, index in self.block_keys(diffusion_model):
-                layer = getattr(getattr(self.block(diffusion_model, kind, index), OWN_MODULATION[kind], None),
-                                "lin", None)
-                if not reads_weights_directly(layer, vec):
-                    layers = None
-                    break
-                layers[(kind, index)] = layer
-            stack = self._stacks[diffusion_model] = StackedModulation(layers, stride) if layers else None
-        return stack
-
-    def end_run(self, diffusion_model) -> None:
-        self._stacks.pop(diffusion_model, None)
+    def modulation_linear(self, diffusion_model, kind, index):
+        return getattr(getattr(self.block(diffusion_model, kind, index), OWN_MODULATION[kind], None), "lin", None)
 
 
 class ChromaAdapter(_FluxLikeAdapter):

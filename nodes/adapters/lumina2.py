@@ -6,14 +6,17 @@ left alone: they see caption or image tokens only, not the joint sequence).
 
 Module input: the block's RMS-normalised joint sequence scaled by its own
 adaLN `scale_msa`, which is exactly what it feeds its attention's qkv linear.
-The modulation is one small linear on the timestep embedding.
+The modulation is one small linear on the timestep embedding. Blocks after
+the first take it on a regular sample of tokens and channels, with the
+sampled rows of every block's adaLN linear stacked into one matmul per
+model call (base.SampledRows).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .base import FORWARD, BlockAdapter, BlockGroup
+from .base import FORWARD, BlockAdapter, BlockGroup, channel_stride, sample_of, token_stride
 
 
 def _scale_tokens(normed: torch.Tensor, scale: torch.Tensor, zero_timestep_spans) -> torch.Tensor:
@@ -39,7 +42,24 @@ class Lumina2Adapter(BlockAdapter):
     def module_input(self, diffusion_model, kind, index, args):
         block = self.block(diffusion_model, kind, index)
         scale_msa = block.adaLN_modulation(args["adaln_input"]).chunk(4, dim=1)[0]
+        # The stacked rows the later blocks' sampled inputs read, for this call.
+        self.sampled_rows(diffusion_model, args["adaln_input"], 1, chunks=1, gain_from=0, width=args["x"].shape[-1])
         return _scale_tokens(block.attention_norm1(args["x"]), scale_msa, args.get("timestep_zero_index"))
+
+    def sampled_module_input(self, diffusion_model, kind, index, args):
+        x, conditioning = args["x"], args["adaln_input"]
+        tokens_step, channels_step = token_stride(x.shape[1]), channel_stride(x.shape[2])
+        stack = self.sampled_rows(diffusion_model, conditioning, channels_step, chunks=1, gain_from=0,
+                                  width=x.shape[-1])
+        if stack is None or args.get("timestep_zero_index") is not None:
+            return sample_of(self.module_input(diffusion_model, kind, index, args), tokens_step, channels_step)
+        (gain,) = stack.rows_for((kind, index), conditioning)
+        normed = self.block(diffusion_model, kind, index).attention_norm1(x[:, ::tokens_step])
+        return normed[..., ::channels_step] * gain.unsqueeze(1)
+
+    def modulation_linear(self, diffusion_model, kind, index):
+        modulation = getattr(self.block(diffusion_model, kind, index), "adaLN_modulation", None)
+        return modulation[1] if isinstance(modulation, torch.nn.Sequential) and len(modulation) == 2 else None
 
 
 ADAPTERS = (Lumina2Adapter(),)

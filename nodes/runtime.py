@@ -41,10 +41,10 @@ from typing import NamedTuple
 import torch
 
 from ..rfc_core import CacheConfig, RFCRun
+from ..rfc_core.history import flat
 from ..rfc_core.run import format_bytes
 from ..rfc_core.storage import FeatureStorage, should_offload, storage_for
 from .adapters import REPLACE, BlockAdapter
-from ..rfc_core.history import flat
 from .adapters.base import batch_first, chunk_identity, pack
 
 logger = logging.getLogger("ComfyUI-RFC")
@@ -147,8 +147,8 @@ class SamplingSession:
         self._thread = threading.local()
         # Guards what those threads share: the decision, counters, faults.
         self.lock = threading.RLock()
-        # Every diffusion model the run's blocks ran in (the model and its
-        # MultiGPU clones), by id, for the adapters' end of run.
+        # The MultiGPU clones the run's blocks ran in, by id, for the
+        # adapters' end of run.
         self.models_used: dict = {}
         # Blocks another node's forward patch may have taken from us, by
         # module key, until they reach the cache (see _forwards_replaced_later).
@@ -408,7 +408,7 @@ class SamplingSession:
     def finish(self) -> str:
         self.run.finish()
         if self.adapter is not None:
-            for diffusion_model in self.models_used.values():
+            for diffusion_model in (self.diffusion_model, *self.models_used.values()):
                 self.adapter.end_run(diffusion_model)
             self.models_used.clear()
         self.returned_streams.clear()

@@ -95,6 +95,29 @@ def test_flux_module_input_is_what_the_block_feeds_its_first_linear():
         torch.testing.assert_close(adapter.module_input(model, kind, 0, {**args, "vec": vec}), seen[-1])
 
 
+def test_flux_sampled_module_input_is_a_sample_of_the_full_one_and_its_rows_go_with_the_run(monkeypatch):
+    """Every 4th token and 8th channel, from the stacked modulation rows (one
+    matmul for every block): equal to the full module input sampled, and the
+    stack is dropped when the run ends."""
+    torch.manual_seed(0)
+    config = {"in_channels": 4, "out_channels": 4, "vec_in_dim": 8, "context_in_dim": 8, "hidden_size": 32,
+              "mlp_ratio": 2.0, "num_heads": 2, "depth": 2, "depth_single_blocks": 2, "axes_dim": [4, 6, 6],
+              "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": False}
+    model = TinyFlux(config)
+    adapter = adapters.adapter_for("flux")
+    monkeypatch.setattr(base, "MODULE_INPUT_TOKENS", 4)
+    monkeypatch.setattr(base, "MODULE_INPUT_CHANNELS", 4)
+    args = {"img": torch.randn(2, 16, 32), "txt": torch.randn(2, 3, 32), "vec": torch.randn(2, 32)}
+    with torch.no_grad():
+        for kind, index in adapter.block_keys(model):
+            full = adapter.module_input(model, kind, index, args)
+            sampled = adapter.sampled_module_input(model, kind, index, args)
+            torch.testing.assert_close(sampled, full[:, ::4, ::8])
+    assert adapter.__dict__["_sampled_rows"].get(model) is not None
+    adapter.end_run(model)
+    assert model not in adapter.__dict__["_sampled_rows"]
+
+
 class StandInBlock(torch.nn.Module):
     """A block with no patch point, like Lumina2's: it can only be hooked by
     replacing its forward. It doubles as a counter of real executions."""

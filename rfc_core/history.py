@@ -186,9 +186,6 @@ class FeatureHistory:
     def forecast(self, x: float) -> list[torch.Tensor]:
         return self.combine(self.weights_by_slot(x))
 
-    def newest(self) -> list[torch.Tensor]:
-        return [v[:, self.slots[0]] for v in self.values]
-
     def relocate(self, storage: FeatureStorage) -> None:
         self.storage = storage
         self.values = [storage.keep(v) for v in self.values]

@@ -164,15 +164,18 @@ class RelationalEstimator(TaylorEstimator):
             self.input_step = inverse_change * history.bank.vector(self._along_older(), 1, inverse_change)
             if self.order >= 2:
                 newest, older = history.slots[:2]
-                self.output_change = torch.cat([
-                    self.norm(values[:, newest] - values[:, older]).square() for values in history.values
-                ], dim=1).sum(dim=1, keepdim=True).sqrt()
+                self.output_change = self._norm_over_streams(values[:, newest] - values[:, older]
+                                                             for values in history.values)
         self.last_input = history.storage.keep(module_input)
         values = history.values[0]
         if self._weights is None or self._weights.shape[0] != values.shape[0] or self._weights.dtype != values.dtype:
             # Where predictions write their weights: allocated once per run, when recording.
             self._weights = torch.empty((values.shape[0], 1, history.slot_count), dtype=values.dtype,
                                         device=values.device)
+
+    def _norm_over_streams(self, streams) -> torch.Tensor:
+        """Per-sample norm of a module's streams taken together, (batch, 1)."""
+        return torch.cat([self.norm(t).square() for t in streams], dim=1).sum(dim=1, keepdim=True).sqrt()
 
     def _along_older(self) -> list[float]:
         """Per slot: -1 at the newest point, +1 at the one before it."""
@@ -217,8 +220,7 @@ class RelationalEstimator(TaylorEstimator):
         # More points: |T| / |O(t) - O(t+N)| depends on the outputs.
         newest_weights = history.newest_by_slot()
         direction = [t - n for t, n in zip(taylor, newest_weights)]
-        step = history.combine(direction)
-        step_norm = torch.cat([self.norm(s).square() for s in step], dim=1).sum(dim=1, keepdim=True).sqrt()
+        step_norm = self._norm_over_streams(history.combine(direction))
         relative_step = (step_norm / self.output_change.clamp_min(_TINY)).view(batch, 1, 1)
         # relational = |I - I(t)| / |I(t) - I(t+N)|, read off input_step's older slot.
         relational = input_change * self.input_step[..., older:older + 1]

@@ -39,8 +39,9 @@ def flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1)
 
 
-def lagrange_weights(nodes: Sequence[float], x: float) -> list[float]:
-    """Weight of each node's value in the polynomial through them, at x."""
+def lagrange_weights(nodes: Sequence[float], x):
+    """Weight of each node's value in the polynomial through them, at x: a
+    number, or a tensor (then each weight is one, made on its device)."""
     weights = []
     for j, node in enumerate(nodes):
         weight = 1.0

@@ -20,7 +20,7 @@ import torch
 from .budget import EvaluationPlan, SpeedupScheduler
 from .config import CacheConfig
 from .estimators import TaylorEstimator, make_estimator, per_sample_norm
-from .history import FeatureHistory, WeightBank, flat
+from .history import FeatureHistory, WeightBank, flat, lagrange_weights
 from .schedulers import make_scheduler
 from .storage import FeatureStorage
 
@@ -218,26 +218,25 @@ class RFCRun:
         sigma is not known yet."""
         history = chunk.first_input
         actual = flat(module_input)
-        values = history.values[0]
+        timestep = None
         if self._timestep is None:
-            timestep = torch.full((1,), self.current.sigma, device=actual.device)
             weights = [-w for w in history.weights_by_slot(self.current.sigma)]
         else:
             timestep = self._timestep.to(device=actual.device, dtype=torch.float32)
             weights = torch.zeros((actual.shape[0], 1, history.slot_count), device=actual.device)
-            for j, slot in enumerate(history.slots):
-                weight = torch.full_like(timestep, -1.0)
-                for i, other in enumerate(history.nodes):
-                    if i != j:
-                        weight = weight * ((timestep - other) / (history.nodes[j] - other))
-                weights[..., slot] = weight
+            for slot, weight in zip(history.slots, lagrange_weights(history.nodes, timestep)):
+                weights[..., slot] = -weight
         # actual - forecast, in one kernel where the cache is in the input's dtype.
         (difference,) = history.combine(weights, [actual])
         sums = torch.stack((torch.linalg.vector_norm(difference, ord=1, dtype=torch.float32),
                             torch.linalg.vector_norm(actual, ord=1, dtype=torch.float32)))
         if self.reduce is not None:
             sums = self.reduce(sums)
-        difference, size, sigma = torch.cat((sums, timestep.reshape(1))).tolist()
+        if timestep is None:
+            difference, size = sums.tolist()
+            sigma = self.current.sigma
+        else:
+            difference, size, sigma = torch.cat((sums, timestep.reshape(1))).tolist()
         error = 0.0 if size == 0.0 else difference / size
         # An input with inf or NaN in it cannot be judged: compute.
         return (error if math.isfinite(error) else math.inf), sigma
@@ -309,7 +308,7 @@ class RFCRun:
         module takes the evaluation's decision)."""
         if self.current is None or self.off_reason is not None:
             return False
-        chunk = self.chunks.setdefault(chunk_key, ChunkCache())
+        chunk = self._chunk(chunk_key)
         if self._skip is None and module_key == self.first_module:
             with self._lock:
                 if self._skip is None:
@@ -332,8 +331,14 @@ class RFCRun:
         self.count_module(predicted=True)
         return self.chunks[chunk_key].modules[module_key].predict(self.sigma, module_input)
 
+    def _chunk(self, chunk_key: Hashable) -> ChunkCache:
+        chunk = self.chunks.get(chunk_key)
+        if chunk is None:
+            chunk = self.chunks[chunk_key] = ChunkCache()
+        return chunk
+
     def _estimator(self, chunk_key: Hashable, module_key: Hashable) -> TaylorEstimator:
-        chunk = self.chunks.setdefault(chunk_key, ChunkCache())
+        chunk = self._chunk(chunk_key)
         estimator = chunk.modules.get(module_key)
         if estimator is None:
             estimator = chunk.modules[module_key] = make_estimator(self.config.estimator, self.config.order,

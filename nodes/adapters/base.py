@@ -172,10 +172,17 @@ class SampledRows:
         self.weight = torch.cat(weights)
         self.bias = torch.cat(biases)
         self._last: tuple | None = None
+        # (conditioning, whether the stacked rows were still the blocks' own then).
+        self._checked: tuple | None = None
 
-    def is_current(self) -> bool:
-        return all(layer.weight is weight and layer.bias is bias
-                   for (weight, bias), layer in zip(self.parameters.values(), self.layers.values()))
+    def is_current_for(self, conditioning: torch.Tensor) -> bool:
+        """Whether every block still has the parameters stacked: checked once
+        per model call (a new conditioning tensor), not once per block."""
+        if self._checked is None or self._checked[0] is not conditioning:
+            current = all(layer.weight is weight and layer.bias is bias
+                          for (weight, bias), layer in zip(self.parameters.values(), self.layers.values()))
+            self._checked = (conditioning, current)
+        return self._checked[1]
 
     def prepare(self, conditioning: torch.Tensor) -> None:
         """Every block's rows for this model call's conditioning vector (silu, then the linear)."""
@@ -292,16 +299,12 @@ class BlockAdapter:
                      gain_from: int, width: int) -> SampledRows | None:
         """This run's SampledRows of the model, or None where the stride keeps
         every channel or some block's modulation cannot be read directly
-        (then the module input goes through the layer itself). The first
-        block's full module input, taken once per model call, computes the
-        rows for this call, so the later blocks only read them."""
+        (then the module input goes through the layer itself)."""
+        if stride == 1:
+            return None
         stacks = self.__dict__.setdefault("_sampled_rows", weakref.WeakKeyDictionary())
         stack = stacks.get(diffusion_model, False)
-        if stride == 1:
-            if stack and stack.is_current():
-                stack.prepare(conditioning)
-            return None
-        if stack is False or (stack is not None and not stack.is_current()):
+        if stack is False or (stack is not None and not stack.is_current_for(conditioning)):
             layers = {}
             for kind, index in self.block_keys(diffusion_model):
                 layer = self.modulation_linear(diffusion_model, kind, index)
@@ -312,6 +315,14 @@ class BlockAdapter:
             stack = stacks[diffusion_model] = (SampledRows(layers, stride, chunks, gain_from, width) if layers
                                                else None)
         return stack
+
+    def prepare_sampled_rows(self, diffusion_model, conditioning: torch.Tensor) -> None:
+        """Called by the first block's full module input, once per model
+        call: the stacked rows the later blocks' sampled inputs read are
+        computed for this call here, so those blocks only slice them."""
+        stack = self.__dict__.get("_sampled_rows", {}).get(diffusion_model)
+        if stack is not None and stack.is_current_for(conditioning):
+            stack.prepare(conditioning)
 
     def end_run(self, diffusion_model) -> None:
         """A sampling run of this model ended: drop anything kept for it."""

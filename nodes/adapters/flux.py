@@ -37,6 +37,7 @@ class _FluxLikeAdapter(BlockAdapter):
         raise NotImplementedError
 
     def module_input(self, diffusion_model, kind, index, args):
+        self.prepare_sampled_rows(diffusion_model, args["vec"])
         return self._modulated_image(diffusion_model, kind, index, args, sampled=False)
 
     def sampled_module_input(self, diffusion_model, kind, index, args):
@@ -64,8 +65,8 @@ def passed_in_modulation(kind, vec):
     return vec
 
 
-def passed_in_shift_gain(kind, vec, stride: int):
-    modulation = passed_in_modulation(kind, vec)
+def shift_gain(modulation, stride: int):
+    """A ModulationOut's shift and gain (1 + scale), every `stride`-th channel."""
     return modulation.shift[..., ::stride], 1 + modulation.scale[..., ::stride]
 
 
@@ -77,13 +78,12 @@ class FluxAdapter(_FluxLikeAdapter):
         # FLUX.1 blocks own their modulation; FLUX.2 blocks have none and get it in `vec`.
         modulation_layer = getattr(block, OWN_MODULATION[kind], None)
         if modulation_layer is None:
-            return passed_in_shift_gain(kind, args["vec"], stride)
+            return shift_gain(passed_in_modulation(kind, args["vec"]), stride)
         vec = args["vec"]
         stack = self.sampled_rows(diffusion_model, vec, stride, chunks=2, gain_from=1, width=args["img"].shape[-1])
         if stack is not None:
             return stack.rows_for((kind, index), vec)
-        modulation = modulation_layer(vec)[0]
-        return modulation.shift[..., ::stride], 1 + modulation.scale[..., ::stride]
+        return shift_gain(modulation_layer(vec)[0], stride)
 
     def modulation_linear(self, diffusion_model, kind, index):
         return getattr(getattr(self.block(diffusion_model, kind, index), OWN_MODULATION[kind], None), "lin", None)
@@ -94,7 +94,7 @@ class ChromaAdapter(_FluxLikeAdapter):
     model_classes = ("comfy.ldm.chroma.model.Chroma",)
 
     def image_shift_gain(self, diffusion_model, kind, index, block, args, stride):
-        return passed_in_shift_gain(kind, args["vec"], stride)
+        return shift_gain(passed_in_modulation(kind, args["vec"]), stride)
 
 
 ADAPTERS = (FluxAdapter(), ChromaAdapter())

@@ -42,8 +42,7 @@ class Lumina2Adapter(BlockAdapter):
     def module_input(self, diffusion_model, kind, index, args):
         block = self.block(diffusion_model, kind, index)
         scale_msa = block.adaLN_modulation(args["adaln_input"]).chunk(4, dim=1)[0]
-        # The stacked rows the later blocks' sampled inputs read, for this call.
-        self.sampled_rows(diffusion_model, args["adaln_input"], 1, chunks=1, gain_from=0, width=args["x"].shape[-1])
+        self.prepare_sampled_rows(diffusion_model, args["adaln_input"])
         return _scale_tokens(block.attention_norm1(args["x"]), scale_msa, args.get("timestep_zero_index"))
 
     def sampled_module_input(self, diffusion_model, kind, index, args):

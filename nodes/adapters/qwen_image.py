@@ -31,8 +31,7 @@ class QwenImageAdapter(BlockAdapter):
         shift, scale, _ = attention_modulation.chunk(3, dim=-1)
         # As (batch, rows, dim) views: one row, or the two halves of the doubled batch.
         shift, scale = (t.unflatten(0, (-1, img.shape[0])).transpose(0, 1) for t in (shift, scale))
-        # The stacked rows the later blocks' sampled inputs read, for this call.
-        self.sampled_rows(diffusion_model, args["vec"], 1, chunks=2, gain_from=1, width=img.shape[-1])
+        self.prepare_sampled_rows(diffusion_model, args["vec"])
         return modulate_rows(block.img_norm1(img), scale, shift, reference_tokens(args))
 
     def sampled_module_input(self, diffusion_model, kind, index, args):

@@ -28,12 +28,17 @@ def spread_over_tokens(modulation: torch.Tensor, x: torch.Tensor) -> torch.Tenso
     Extra tokens past the last whole frame (S2V's reference and motion
     tokens) take the last frame's value."""
     frames = modulation.size(1)
-    repeats = x.size(1) // frames if frames > 1 else 1
+    repeats = tokens_per_frame(x.size(1), frames) if frames > 1 else 1
     if repeats == 1:
         return modulation
-    if repeats * frames == x.size(1):
-        return torch.repeat_interleave(modulation, repeats, dim=1)
-    return torch.repeat_interleave(modulation, repeats + 1, dim=1)[:, :x.size(1)]
+    return torch.repeat_interleave(modulation, repeats, dim=1)[:, :x.size(1)]
+
+
+def tokens_per_frame(tokens: int, frames: int) -> int:
+    """How many tokens each frame's modulation covers: a whole share, or one
+    more where tokens do not divide evenly (the last frame then covers the rest)."""
+    repeats = tokens // frames
+    return repeats if repeats * frames == tokens else repeats + 1
 
 
 class WanAdapter(BlockAdapter):
@@ -52,38 +57,34 @@ class WanAdapter(BlockAdapter):
 
     def module_input(self, diffusion_model, kind, index, args):
         block = self.block(diffusion_model, kind, index)
-        x, e0 = args["img"], args["vec"]
-        # Only shift and scale (the first two of the six) are needed; adding
-        # them alone gives the same values the block gets from all six.
-        learned = block.modulation[:, :2].to(dtype=x.dtype, device=x.device)
-        if e0.ndim < 4:
-            shift, scale = (learned + e0[:, :2]).chunk(2, dim=1)
-        else:
-            shift, scale = (learned.unsqueeze(0) + e0[:, :, :2]).unbind(2)
+        x = args["img"]
+        shift, scale = attention_shift_scale(block, x, args["vec"], channels_step=1)
         return torch.addcmul(spread_over_tokens(shift, x), block.norm1(x), 1 + spread_over_tokens(scale, x))
-
 
     def sampled_module_input(self, diffusion_model, kind, index, args):
         block = self.block(diffusion_model, kind, index)
-        x, e0 = args["img"], args["vec"]
+        x = args["img"]
         tokens_step, channels_step = token_stride(x.size(1)), channel_stride(x.size(2))
-        learned = block.modulation[:, :2, ::channels_step].to(dtype=x.dtype, device=x.device)
-        sampled = x[:, ::tokens_step]
-        if e0.ndim < 4:
-            shift, scale = (learned + e0[:, :2, ::channels_step]).chunk(2, dim=1)
-        else:
-            shift, scale = (learned.unsqueeze(0) + e0[:, :, :2, ::channels_step]).unbind(2)
-            if shift.size(1) > 1:
-                frame = sampled_frames(x.size(1), shift.size(1), tokens_step, x.device)
-                shift, scale = shift.index_select(1, frame), scale.index_select(1, frame)
-        return torch.addcmul(shift, block.norm1(sampled)[..., ::channels_step], 1 + scale)
+        shift, scale = attention_shift_scale(block, x, args["vec"], channels_step)
+        if shift.size(1) > 1:
+            frame = sampled_frames(x.size(1), shift.size(1), tokens_step, x.device)
+            shift, scale = shift.index_select(1, frame), scale.index_select(1, frame)
+        return torch.addcmul(shift, block.norm1(x[:, ::tokens_step])[..., ::channels_step], 1 + scale)
+
+
+def attention_shift_scale(block, x: torch.Tensor, e0: torch.Tensor, channels_step: int):
+    """The block's self-attention shift and scale, (batch, frames, dim / channels_step)
+    each: only the first two of its six modulations, which added alone give
+    the values the block gets from all six."""
+    learned = block.modulation[:, :2, ::channels_step].to(dtype=x.dtype, device=x.device)
+    if e0.ndim < 4:
+        return (learned + e0[:, :2, ::channels_step]).chunk(2, dim=1)
+    return (learned.unsqueeze(0) + e0[:, :, :2, ::channels_step]).unbind(2)
 
 
 def sampled_frames(tokens: int, frames: int, stride: int, device) -> torch.Tensor:
     """The frame of every stride-th token, as `spread_over_tokens` assigns them."""
-    repeats = tokens // frames
-    if repeats * frames != tokens:
-        repeats += 1
+    repeats = tokens_per_frame(tokens, frames)
     return (torch.arange(0, tokens, stride, device=device) // repeats).clamp_(max=frames - 1)
 
 

@@ -188,8 +188,7 @@ class StandaloneSampler:
         options = {"patches_replace": {"dit": replace}, from_runtime.SESSION_KEY: session, "cond_or_uncond": [0, 1]}
 
         def velocity(x, sigma):
-            session.start_evaluation(float(sigma))
-            return self._velocity(x, sigma, options)
+            return session.evaluate(float(sigma), lambda: self._velocity(x, sigma, options))
 
         latent = self._euler(velocity)
         session.finish()
@@ -209,10 +208,13 @@ class StandaloneSampler:
         options = {"cond_or_uncond": [0, 1]}
 
         def velocity(x, sigma):
-            session.start_evaluation(float(sigma))
             doubled = torch.cat([x, x])
-            denoised = session.run_model(lambda: doubled - sigma * self._model(doubled, sigma), doubled, options)
-            return self._guide((doubled - denoised) / sigma)
+
+            def guided():
+                denoised = session.run_model(lambda: doubled - sigma * self._model(doubled, sigma), doubled, options)
+                return self._guide((doubled - denoised) / sigma)
+
+            return session.evaluate(float(sigma), guided)
 
         latent = self._euler(velocity)
         session.finish()

@@ -145,6 +145,17 @@ class Region:
         self.counter.regions.pop()
 
 
+def random_flux(config: dict, blocks: tuple[int, int], device=None) -> TinyFlux:
+    """A Flux of `config`'s widths with `blocks` (double, single), seeded random weights, bf16."""
+    torch.manual_seed(0)
+    with torch.device(device or "cpu"):
+        model = TinyFlux({**config, "depth": blocks[0], "depth_single_blocks": blocks[1]})
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0, 0.02)
+    return model.to(torch.bfloat16)
+
+
 def count_run(image_side: int, text_tokens: int, steps: int, blocks: tuple[int, int], config: dict = FLUX_DEV):
     """Per (evaluation, block) costs of the pack and the block, and which
     evaluations were computed, for a Flux of `config`'s widths."""
@@ -153,12 +164,7 @@ def count_run(image_side: int, text_tokens: int, steps: int, blocks: tuple[int, 
     rfc_core = sys.modules[f"{PACK_NAME}.rfc_core"]
     adapter = sys.modules[f"{PACK_NAME}.nodes.adapters"].adapter_for("flux")
     flux_adapter_module = sys.modules[f"{PACK_NAME}.nodes.adapters.flux"]
-    torch.manual_seed(0)
-    model = TinyFlux({**config, "depth": blocks[0], "depth_single_blocks": blocks[1]})
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0, 0.02)
-    model = model.to(torch.bfloat16)
+    model = random_flux(config, blocks)
     # Forced caching: two warm-up evaluations, then two predicted and one computed.
     cache_config = rfc_core.CacheConfig(threshold=10.0, max_skip=2)
     settings = runtime.CacheSettings(cache_config, "flux", "blocks", adapter, ("double_block", 0), None)
@@ -204,7 +210,7 @@ def count_run(image_side: int, text_tokens: int, steps: int, blocks: tuple[int, 
             for step in range(steps):
                 evaluation[0] = step
                 timestep = sigmas[step:step + 1]
-                # What the pack's CALC_COND_BATCH wrapper does around each evaluation.
+                # SamplingSession.evaluate, in two parts so each is counted in its region.
                 with Region(counter, ("evaluation", step, None)):
                     session.start_evaluation(timestep)
                 output = model(x, timestep.to(torch.bfloat16), context, pooled, options)
@@ -346,12 +352,7 @@ def timed_runs(device: torch.device, config: dict, blocks: tuple[int, int], toke
     runtime = sys.modules[f"{PACK_NAME}.nodes.runtime"]
     rfc = sys.modules[f"{PACK_NAME}.rfc_core"]
     adapter = sys.modules[f"{PACK_NAME}.nodes.adapters"].adapter_for("flux")
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = TinyFlux({**config, "depth": blocks[0], "depth_single_blocks": blocks[1]}).to(torch.bfloat16)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0, 0.02)
+    model = random_flux(config, blocks, device)
     side = 2 * int(tokens[0] ** 0.5)
     x0 = torch.randn(1, config["in_channels"], side, side, dtype=torch.bfloat16, device=device)
     context = torch.randn(1, tokens[1], config["context_in_dim"], dtype=torch.bfloat16, device=device)
@@ -382,11 +383,10 @@ def timed_runs(device: torch.device, config: dict, blocks: tuple[int, int], toke
 
                 if session is None:
                     output = call(x)
+                elif granularity == "model":
+                    output = session.evaluate(timestep, lambda: session.run_model(lambda: call(x), x, options))
                 else:
-                    session.start_evaluation(timestep)
-                    output = session.run_model(lambda: call(x), x, options) if granularity == "model" else call(x)
-                    if session.prediction_unusable([output]):
-                        output = call(x)
+                    output = session.evaluate(timestep, lambda: call(x))
                 x = x - (sigmas[step] - sigmas[step + 1]) * output
         if session is None:
             return timer.seconds, steps

@@ -163,6 +163,19 @@ class SamplingSession:
     def caches_model(self) -> bool:
         return not self.caching_off and self.granularity == "model"
 
+    def evaluate(self, timestep, compute):
+        """One model evaluation, however its conditionings are chunked: what
+        `compute()` (all of its model calls) returns, computed again in full
+        when the predictions in it came out inf or NaN."""
+        try:
+            self.start_evaluation(timestep)
+        except Exception:
+            self.fail("reading the timestep")
+        output = compute()
+        if self.prediction_unusable(output):
+            output = compute()
+        return output
+
     def start_evaluation(self, timestep) -> None:
         """timestep: the sampler's sigma tensor (read only when needed) or a number."""
         if len(self.run.evaluations) == 1 and self.settings.config.cache_device == "auto" and not self.caching_off:
@@ -279,15 +292,17 @@ class SamplingSession:
     def _module_inputs(self, kind: str, index: int, args: dict, units) -> dict:
         group = self.adapter.group(kind)
         module_inputs = {}
+        diffusion_model = None
         for unit_key, names in units:
             if not self.run.needs_module_input(unit_key):
                 continue
+            diffusion_model = diffusion_model or self.model_in_use()
             build = (self.adapter.module_input if unit_key == self.run.first_module
                      else self.adapter.sampled_module_input)
             if group.separate_streams:
-                value = build(self.model_in_use(), kind, index, args, stream=names[0])
+                value = build(diffusion_model, kind, index, args, stream=names[0])
             else:
-                value = build(self.model_in_use(), kind, index, args)
+                value = build(diffusion_model, kind, index, args)
             # Estimators take per-sample norms over everything but dim 0.
             module_inputs[unit_key] = value.movedim(group.batch_dim, 0)
         return module_inputs
@@ -340,7 +355,7 @@ class SamplingSession:
                 with torch.no_grad():  # the cache is never differentiated through
                     for (unit_key, unit_names), targets in zip(units, kept):
                         for name, target in zip(unit_names, targets):
-                            torch.sub(flat(batch_first(returned_streams[name], batch_dim)), target, out=target)
+                            torch.sub(_rows(returned_streams[name], batch_dim), target, out=target)
                         run.commit(chunk_key, unit_key, module_inputs.get(unit_key))
                 return output
             returned = tuple(name for name in names if returned_streams.get(name) is not None)
@@ -348,7 +363,7 @@ class SamplingSession:
             kept_by_name = {name: target for (_, unit_names), targets in zip(units, kept)
                             for name, target in zip(unit_names, targets)}
             for unit_key, unit_names in self._units(kind, index, returned):
-                residuals = [flat(batch_first(returned_streams[name], batch_dim)).detach() - kept_by_name[name]
+                residuals = [_rows(returned_streams[name], batch_dim).detach() - kept_by_name[name]
                              for name in unit_names]
                 run.store(chunk_key, unit_key, module_inputs.get(unit_key), residuals)
         except Exception:
@@ -363,7 +378,7 @@ class SamplingSession:
         (batch, features) tensor per stream."""
         kept = []
         for unit_key, unit_names in units:
-            streams = [flat(batch_first(inputs[name], batch_dim)) for name in unit_names]
+            streams = [_rows(inputs[name], batch_dim) for name in unit_names]
             targets = (self.run.reserve(chunk_key, unit_key, streams) if in_slots
                        else [torch.empty_like(stream) for stream in streams])
             for target, stream in zip(targets, streams):
@@ -428,6 +443,11 @@ class SamplingSession:
                            len(self.unseen_blocks), ", ".join(self.unseen_blocks.values()), nothing_skipped)
         _send_summary(self.settings.node_id, summary, self.run)
         return summary
+
+
+def _rows(stream: torch.Tensor, batch_dim: int) -> torch.Tensor:
+    """A block stream as the cache keeps it: (batch, features)."""
+    return flat(batch_first(stream, batch_dim))
 
 
 def _non_empty(stream) -> bool:
@@ -717,19 +737,13 @@ def calc_cond_batch_wrapper(executor, *args, **kwargs):
     model_options = kwargs.get("model_options", args[-1] if args else {})
     transformer_options = model_options.get("transformer_options", {})
     session: SamplingSession | None = transformer_options.get(SESSION_KEY)
-    if session is not None:
-        for key, reason in SAMPLER_STATE_KEYS.items():
-            if key in transformer_options:
-                session.leave_uncached(reason)
-        timestep = kwargs.get("timestep", args[3] if len(args) > 3 else None)
-        try:
-            session.start_evaluation(timestep)
-        except Exception:
-            session.fail("reading the timestep")
-    output = executor(*args, **kwargs)
-    if session is not None and session.prediction_unusable(output):
-        output = executor(*args, **kwargs)
-    return output
+    if session is None:
+        return executor(*args, **kwargs)
+    for key, reason in SAMPLER_STATE_KEYS.items():
+        if key in transformer_options:
+            session.leave_uncached(reason)
+    timestep = kwargs.get("timestep", args[3] if len(args) > 3 else None)
+    return session.evaluate(timestep, lambda: executor(*args, **kwargs))
 
 
 def apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,

@@ -75,12 +75,15 @@ def test_every_adapter_is_well_formed():
                 assert group.outputs is None, "a replace patch returns its streams by name"
 
 
+# A Flux small enough to build in milliseconds; tests set its depth.
+SMALL_FLUX = {"in_channels": 4, "out_channels": 4, "vec_in_dim": 8, "context_in_dim": 8, "hidden_size": 32,
+              "mlp_ratio": 2.0, "num_heads": 2, "axes_dim": [4, 6, 6], "theta": 10000, "patch_size": 2,
+              "qkv_bias": True, "guidance_embed": False}
+
+
 def test_flux_module_input_is_what_the_block_feeds_its_first_linear():
     torch.manual_seed(0)
-    config = {"in_channels": 4, "out_channels": 4, "vec_in_dim": 8, "context_in_dim": 8, "hidden_size": 32,
-              "mlp_ratio": 2.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1, "axes_dim": [4, 6, 6],
-              "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": False}
-    model = TinyFlux(config)
+    model = TinyFlux({**SMALL_FLUX, "depth": 1, "depth_single_blocks": 1})
     adapter = adapters.adapter_for("flux")
     img, txt, vec = torch.randn(2, 16, 32), torch.randn(2, 3, 32), torch.randn(2, 32)
     seen = []
@@ -100,10 +103,7 @@ def test_flux_sampled_module_input_is_a_sample_of_the_full_one_and_its_rows_go_w
     matmul for every block): equal to the full module input sampled, and the
     stack is dropped when the run ends."""
     torch.manual_seed(0)
-    config = {"in_channels": 4, "out_channels": 4, "vec_in_dim": 8, "context_in_dim": 8, "hidden_size": 32,
-              "mlp_ratio": 2.0, "num_heads": 2, "depth": 2, "depth_single_blocks": 2, "axes_dim": [4, 6, 6],
-              "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": False}
-    model = TinyFlux(config)
+    model = TinyFlux({**SMALL_FLUX, "depth": 2, "depth_single_blocks": 2})
     adapter = adapters.adapter_for("flux")
     monkeypatch.setattr(base, "MODULE_INPUT_TOKENS", 4)
     monkeypatch.setattr(base, "MODULE_INPUT_CHANNELS", 4)

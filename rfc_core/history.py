@@ -114,7 +114,10 @@ class FeatureHistory:
         half-written (the block raised) is never read."""
         if not self._fits(likes):
             self.nodes, self.slots = [], []
-            self.values = [torch.empty((t.shape[0], self.slot_count, t[0].numel()),
+            # Zeros, not empty: a forecast from fewer points than slots
+            # weighs the unused ones 0, and 0 times uninitialised memory
+            # can be NaN.
+            self.values = [torch.zeros((t.shape[0], self.slot_count, t[0].numel()),
                                        dtype=self.storage.dtype or t.dtype, device=self.storage.device or t.device)
                            for t in likes]
         self._feature = (likes[0].dtype, likes[0].device)

@@ -92,9 +92,11 @@ def sampler(samples: int, steps: int) -> StandaloneSampler:
 
 
 def unsplit_run(samples: int, steps: int, threshold: float):
+    """The same run on one rank (its rank sum is the tensor itself, so the
+    cache takes the sequence-parallel path: trust over every feature)."""
     config = rfc_core().CacheConfig(threshold=threshold, max_skip=3)
     with torch.no_grad():
-        return sampler(samples, steps)._run_blocks(config, 0.0)
+        return sampler(samples, steps)._run_blocks(config, 0.0, rank_sum=lambda t: t)
 
 
 def _rank(rank: int, world: int, rendezvous: str, samples: int, steps: int, threshold: float, out: str) -> None:

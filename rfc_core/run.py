@@ -91,6 +91,9 @@ class RFCRun:
         self.modules_predicted = 0
         self.recomputed_evaluations = 0
         self.peak_bytes = 0
+        # Estimators whose trust (RelationalEstimator.trust) the last full
+        # computation measured, until the next decision reads it.
+        self._unread_trust: dict[int, TaylorEstimator] = {}
         self._skip: bool | None = None
         # The evaluation's timestep as the sampler passed it, until read.
         self._timestep: torch.Tensor | None = None
@@ -230,13 +233,19 @@ class RFCRun:
         (difference,) = history.combine(weights, [actual])
         sums = torch.stack((torch.linalg.vector_norm(difference, ord=1, dtype=torch.float32),
                             torch.linalg.vector_norm(actual, ord=1, dtype=torch.float32)))
+        trusting = list(self._unread_trust.values())
+        self._unread_trust.clear()
+        if trusting:
+            sums = torch.cat([sums] + [e.trust_sums.to(sums.device) for e in trusting])
         if self.reduce is not None:
             sums = self.reduce(sums)
-        if timestep is None:
-            difference, size = sums.tolist()
-            sigma = self.current.sigma
-        else:
-            difference, size, sigma = torch.cat((sums, timestep.reshape(1))).tolist()
+        if timestep is not None:
+            sums = torch.cat((sums, timestep.reshape(1)))
+        read = sums.tolist()
+        difference, size = read[:2]
+        sigma = self.current.sigma if timestep is None else read[-1]
+        for number, estimator in enumerate(trusting):
+            estimator.set_trust(*read[2 + 2 * number:4 + 2 * number])
         error = 0.0 if size == 0.0 else difference / size
         # An input with inf or NaN in it cannot be judged: compute.
         return (error if math.isfinite(error) else math.inf), sigma
@@ -343,6 +352,8 @@ class RFCRun:
         if estimator is None:
             estimator = chunk.modules[module_key] = make_estimator(self.config.estimator, self.config.order,
                                                                   self.storage, self.bank, self.norm)
+            if self.reduce is not None and hasattr(estimator, "trust_sample"):
+                estimator.trust_sample = None
         return estimator
 
     def records(self) -> bool:
@@ -359,8 +370,15 @@ class RFCRun:
     @torch.no_grad()
     def commit(self, chunk_key: Hashable, module_key: Hashable, module_input: torch.Tensor | None) -> None:
         """The reserved residual is written: keep it, with the module input."""
-        self._estimator(chunk_key, module_key).commit(module_input)
+        estimator = self._estimator(chunk_key, module_key)
+        estimator.commit(module_input)
+        self._note_trust(estimator)
         self._record_first_input(chunk_key, module_key, module_input)
+
+    def _note_trust(self, estimator: TaylorEstimator) -> None:
+        if getattr(estimator, "trust_sums", None) is not None and self.scheduler.needs_forecast_error:
+            with self._lock:
+                self._unread_trust[id(estimator)] = estimator
 
     def record(self, chunk_key: Hashable, module_key: Hashable,
                module_input: torch.Tensor | None, residual) -> None:
@@ -376,7 +394,9 @@ class RFCRun:
         or a list of them for a module of several streams."""
         if not self.records():
             return
-        self._estimator(chunk_key, module_key).update(self.sigma, residual, module_input)
+        estimator = self._estimator(chunk_key, module_key)
+        estimator.update(self.sigma, residual, module_input)
+        self._note_trust(estimator)
         self._record_first_input(chunk_key, module_key, module_input)
 
     def _record_first_input(self, chunk_key, module_key, module_input) -> None:
@@ -437,6 +457,7 @@ class RFCRun:
         if self.current is not None:
             self._read_pending_sigma()
         self.chunks.clear()
+        self._unread_trust.clear()
         self.bank.clear()
 
     @property

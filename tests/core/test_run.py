@@ -55,12 +55,21 @@ def test_max_skip_caps_consecutive_predictions(max_skip):
         run_length = 0 if c else run_length + 1
         longest = max(longest, run_length)
     assert longest == max_skip
-    assert computed[:2] == [True, True]  # warm-up of order + 1
+    assert computed[:2] == [True, False]  # RCS warms up on one full computation
 
 
 @pytest.mark.parametrize("order", [0, 1, 2])
-def test_warmup_is_order_plus_one_full_computations(order):
+def test_rcs_warms_up_on_one_full_computation(order):
     config = CacheConfig(threshold=10.0, max_skip=5, order=order)
+    run = RFCRun(config, first_module=FIRST)
+    sigmas = [1 - i / 10 for i in range(8)]
+    computed, _ = drive(run, sigmas, [torch.full((1, 4), 1 + s) for s in sigmas])
+    assert computed[:2] == [True, False]
+
+
+@pytest.mark.parametrize("order", [0, 1, 2])
+def test_a_fixed_schedule_warms_up_on_order_plus_one_full_computations(order):
+    config = CacheConfig(scheduler="fixed", interval=8, max_skip=7, order=order)
     run = RFCRun(config, first_module=FIRST)
     sigmas = [1 - i / 10 for i in range(8)]
     computed, _ = drive(run, sigmas, [torch.full((1, 4), 1 + s) for s in sigmas])

@@ -70,18 +70,23 @@ def test_sigma_zero_is_a_point_like_any_other():
     torch.testing.assert_close(history.forecast(0.1)[0], quadratic(0.1, base))
 
 
-def test_warmup_counts_distinct_sigmas():
-    """Two computed evaluations at sigma 1.0 are one point: an order-1
-    forecast still needs a second, so 0.8 is computed too."""
+def test_a_repeated_sigma_is_one_point():
+    """RCS warms up on one point; the second evaluation at sigma 1.0 adds
+    none, so the order-1 forecast stays reuse until a second sigma is
+    computed, and then follows the line through both exactly."""
     run = RFCRun(CacheConfig(threshold=10.0, max_skip=2, order=1), first_module=FIRST)
-    computed, _ = drive(run, [1.0, 1.0, 0.8, 0.6, 0.4, 0.2])
-    assert computed == [True, True, True, False, False, True]
+    sigmas = [1.0, 1.0, 0.8, 0.6, 0.4, 0.2]
+    computed, outputs = drive(run, sigmas)
+    assert computed == [True, False, False, True, False, False]
+    torch.testing.assert_close(outputs[2], torch.full((1, 4), 2 * (1.0 + 1.0)))
+    for sigma, output in list(zip(sigmas, outputs))[3:]:
+        torch.testing.assert_close(output, torch.full((1, 4), 2 * (1.0 + sigma)))
 
 
 def test_repeated_sigmas_after_warmup_follow_the_usual_pattern():
     run = RFCRun(CacheConfig(threshold=10.0, max_skip=2, order=1), first_module=FIRST)
     computed, outputs = drive(run, [1.0, 0.9, 0.9, 0.7, 0.7, 0.7, 0.4])
-    assert computed == [True, True, False, False, True, False, False]
+    assert computed == [True, False, False, True, False, False, True]
     assert all(torch.isfinite(output).all() for output in outputs)
 
 
@@ -89,17 +94,20 @@ def test_repeated_sigmas_after_warmup_follow_the_usual_pattern():
 def test_restart_to_an_older_sigma_never_predicts_inf_or_nan(scheduler):
     """order 2, the fixed interval predicting right after the restart: the
     prediction is built from the points left and is finite (and, for this
-    module linear in sigma, exact). RCS warms up again on two points."""
+    module linear in sigma, exact wherever two points are left: RCS's second
+    evaluation has one, and reuses it)."""
     config = CacheConfig(threshold=10.0, max_skip=1, order=2, scheduler=scheduler, interval=2,
                          estimator="taylor" if scheduler == "fixed" else "rfe")
     run = RFCRun(config, first_module=FIRST)
     sigmas = [1.0, 0.8, 0.6, 0.4, 0.8, 0.3, 0.2]
     computed, outputs = drive(run, sigmas)
-    expected = {"rcs": [True, True, True, False, True, True, False],
+    expected = {"rcs": [True, False, True, False, True, False, True],
                 "fixed": [True, True, True, False, True, False, True]}[scheduler]
     assert computed == expected
-    for sigma, output in zip(sigmas, outputs):
-        torch.testing.assert_close(output, torch.full((1, 4), 2 * (1.0 + sigma)))
+    one_point = {"rcs": {1: 1.0}, "fixed": {}}[scheduler]
+    for number, (sigma, output) in enumerate(zip(sigmas, outputs)):
+        exact = one_point.get(number, sigma)
+        torch.testing.assert_close(output, torch.full((1, 4), 2 * (1.0 + exact)))
 
 
 def test_evaluations_at_sigma_zero_are_computed():
@@ -107,4 +115,4 @@ def test_evaluations_at_sigma_zero_are_computed():
     makes at sigma 0 on a trailing double zero is always computed."""
     run = RFCRun(CacheConfig(threshold=10.0, max_skip=2, order=1), first_module=FIRST, skip_window=(1.0, 0.0))
     computed, _ = drive(run, [1.0, 0.8, 0.6, 0.0, 0.0])
-    assert computed == [True, True, False, True, True]
+    assert computed == [True, False, False, True, True]

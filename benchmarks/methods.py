@@ -1,27 +1,40 @@
 """The caching methods the benchmark compares, and samplers that run them on
-the bundled model without ComfyUI.
+the bundled models without ComfyUI.
 
-Block-level methods run through the pack's own runtime (`SamplingSession`
-and `CachedBlock`, the code the nodes install), so what is measured here is
-what ships. The whole-model baseline follows EasyCache's rule (Zhou et al.
-2025), written from its description: predict the output change from the
-input change times the last measured transformation rate, and reuse the last
-output-minus-input difference until the accumulated prediction passes the
-threshold.
+Block-level methods run through the pack's own runtime (`SamplingSession`,
+and `CachedBlock` or `CachedForward`: the code the nodes install, through
+`patches_replace` on Flux and object-patched block forwards on NextDiT), so
+what is measured here is what ships. Two baselines are written here from
+their papers' descriptions:
+
+- EasyCache's rule (Zhou et al. 2025), whole model: predict the output
+  change from the input change times the last measured transformation rate,
+  and reuse the last output-minus-input difference until the accumulated
+  prediction passes the threshold.
+- Spectrum (Han et al., CVPR 2026, arXiv 2603.01623): forecast the output
+  of the whole block stack (the hidden state the final layer reads) from a
+  ridge-regression fit of Chebyshev polynomials over the run's normalised
+  time, through every full computation so far, mixed with the linear
+  forecast through the last two; full computations on a schedule whose gaps
+  widen along the run. A skipped step runs no block at all.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
+import math
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from .tiny_flux import TinyFlux, flux_sigmas
+from .tiny_nextdit import TinyNextDiT, shifted_flow_sigmas
 
 PACK_ROOT = Path(__file__).resolve().parent.parent
 PACK_NAME = "comfyui_rfc"
@@ -50,14 +63,14 @@ def rfc_core():
 @dataclass(frozen=True)
 class Method:
     name: str
-    estimator: str | None  # None: the whole-model EasyCache rule
-    scheduler: str  # "fixed", "rcs" or "easycache"
+    estimator: str | None  # None: a baseline written here (EasyCache's rule, Spectrum)
+    scheduler: str  # "fixed", "rcs", "easycache" or "spectrum"
     order: int = 0
     granularity: str = "blocks"  # or "model": the pack's fallback for models without a block adapter
 
     @property
     def searches_threshold(self) -> bool:
-        return self.scheduler != "fixed"
+        return self.scheduler in ("rcs", "easycache")
 
     def config(self, setting, max_skip: int):
         CacheConfig = rfc_core().CacheConfig
@@ -78,7 +91,62 @@ METHODS = (
     Method("RFC m=2 (RFE + RCS)", "rfe", "rcs", 2),
     Method("RFC m=1, whole model", "rfe", "rcs", 1, "model"),
     Method("EasyCache rule (whole model)", None, "easycache"),
+    Method("Spectrum (stack forecast)", None, "spectrum"),
 )
+
+# Spectrum's published knobs, searched per budget: the mix weight of the
+# Chebyshev fit against the linear forecast (the paper uses 0.5 to 1), how
+# fast the gaps between full computations widen (1: evenly spaced) and how
+# many of the newest full computations the fit uses (None: all of them).
+SPECTRUM_RIDGE = 0.1
+SPECTRUM_BASIS = 4
+SPECTRUM_MIXES = (0.5, 1.0)
+SPECTRUM_GROWTHS = (1.0, 1.25)
+SPECTRUM_WINDOWS = (None, 6)
+
+
+@dataclass(frozen=True)
+class SpectrumSetting:
+    first_gap: float  # the schedule's first gap, in steps: what the search moves to hit an NFC
+    growth: float  # each gap is this times the one before
+    mix: float  # weight of the Chebyshev fit; 1 - mix on the linear forecast
+    window: int | None = None  # newest full computations the fit uses; None: all
+
+    def full_steps(self, steps: int) -> set[int]:
+        """Full computations: the first step, then gaps first_gap * growth^j."""
+        full, position, gap = {0}, 0.0, self.first_gap
+        while True:
+            position += max(1.0, gap)
+            if round(position) >= steps:
+                return full
+            full.add(round(position))
+            gap *= self.growth
+
+
+def chebyshev(x: torch.Tensor, count: int) -> torch.Tensor:
+    """T_0(x) .. T_{count-1}(x), one column each."""
+    columns = [torch.ones_like(x), x]
+    while len(columns) < count:
+        columns.append(2 * x * columns[-1] - columns[-2])
+    return torch.stack(columns[:count], dim=-1)
+
+
+def spectrum_weights(times: list[float], at: float, mix: float) -> list[float]:
+    """Weight of each recorded feature in Spectrum's forecast at time `at`:
+    the ridge fit's prediction phi(at)^T (Phi^T Phi + lambda I)^-1 Phi^T H is
+    linear in the recorded features H, mixed with the line through the last
+    two. Times are in [-1, 1]."""
+    if len(times) == 1:
+        return [1.0]
+    nodes = torch.tensor(times, dtype=torch.float64)
+    basis = chebyshev(nodes, SPECTRUM_BASIS)
+    gram = basis.T @ basis + SPECTRUM_RIDGE * torch.eye(SPECTRUM_BASIS, dtype=torch.float64)
+    fitted = basis @ torch.linalg.solve(gram, chebyshev(torch.tensor([at], dtype=torch.float64),
+                                                          SPECTRUM_BASIS)[0])
+    linear = [0.0] * len(times)
+    (t0, t1) = times[-2:]
+    linear[-1], linear[-2] = (at - t0) / (t1 - t0), (t1 - at) / (t1 - t0)
+    return [mix * f + (1 - mix) * l for f, l in zip(fitted.tolist(), linear)]
 
 
 class EasyCacheRule:
@@ -132,21 +200,118 @@ class SampleResult:
     computed: tuple[bool, ...] = ()
 
 
+class FluxFamily:
+    """The bundled Flux: blocks through `patches_replace`, as ComfyUI's Flux."""
+
+    adapter_family = "flux"
+    title = "tiny Flux"
+
+    def __init__(self, model: TinyFlux):
+        self.model = model
+        self.streams = {("double_block", i): ("img", "txt") for i in range(len(model.double_blocks))}
+        self.streams.update({("single_block", i): ("img",) for i in range(len(model.single_blocks))})
+
+    @staticmethod
+    def sigmas(steps: int) -> torch.Tensor:
+        return flux_sigmas(steps)
+
+    def call(self, x, sigma, tokens, pooled, options):
+        return self.model(x, sigma, tokens, pooled, options)
+
+    @contextlib.contextmanager
+    def intercepted(self, options: dict, intercept):
+        """Every block call goes to intercept(key, inputs, compute) -> outputs,
+        streams as dicts; compute() runs the block."""
+        def entry(key):
+            def replaced(args, extra):
+                return intercept(key, {s: args[s] for s in self.streams[key]}, lambda: extra["original_block"](args))
+            return replaced
+
+        options["patches_replace"] = {"dit": {key: entry(key) for key in self.streams}}
+        yield
+
+    @contextlib.contextmanager
+    def cached(self, options: dict, from_runtime, adapter, wrap=None):
+        replace = {key: from_runtime.CachedBlock(*key) for key in adapter.block_keys(self.model)}
+        if wrap is not None:
+            replace = {key: wrap(entry) for key, entry in replace.items()}
+        options["patches_replace"] = {"dit": replace}
+        yield
+
+
+class NextDiTFamily:
+    """The bundled NextDiT: no block patch point, so each block's `forward`
+    is replaced for the run, as the node's object patch does in ComfyUI."""
+
+    adapter_family = "lumina2"
+    title = "tiny NextDiT (Lumina 2 / Z-Image layout)"
+
+    def __init__(self, model: TinyNextDiT):
+        self.model = model
+        self.streams = {("layer", i): ("x",) for i in range(len(model.layers))}
+
+    @staticmethod
+    def sigmas(steps: int) -> torch.Tensor:
+        return shifted_flow_sigmas(steps)
+
+    def call(self, x, sigma, tokens, pooled, options):
+        return self.model(x, sigma, tokens, options)
+
+    @contextlib.contextmanager
+    def _forwards(self, make):
+        layers = self.model.layers
+        for index, layer in enumerate(layers):
+            layer.forward = make(index, layer)
+        try:
+            yield
+        finally:
+            for layer in layers:
+                del layer.forward
+
+    def intercepted(self, options: dict, intercept):
+        def make(index, layer):
+            original = type(layer).forward.__get__(layer)
+
+            def forward(x, *args, **kwargs):
+                return intercept(("layer", index), {"x": x}, lambda: {"x": original(x, *args, **kwargs)})["x"]
+            return forward
+
+        return self._forwards(make)
+
+    def cached(self, options: dict, from_runtime, adapter, wrap=None):
+        if wrap is not None:
+            raise ValueError("the sequence-parallel benchmark runs on the Flux model only")
+
+        def make(index, layer):
+            block_forward = type(layer).forward.__get__(layer)
+            return from_runtime.CachedForward("layer", index, ("x",), block_forward, block_forward,
+                                             adapter.block_path(self.model, "layer", index))
+
+        return self._forwards(make)
+
+
+def family_of(model) -> FluxFamily | NextDiTFamily:
+    return NextDiTFamily(model) if isinstance(model, TinyNextDiT) else FluxFamily(model)
+
+
 class StandaloneSampler:
-    """Euler sampling of the bundled model with real classifier-free guidance
+    """Euler sampling of a bundled model with real classifier-free guidance
     (cond and uncond batched in one evaluation, as ComfyUI does on one GPU)."""
 
-    def __init__(self, model: TinyFlux, encoder, labels: torch.Tensor, seeds: list[int], steps: int, cfg: float):
+    def __init__(self, model: TinyFlux | TinyNextDiT, encoder, labels: torch.Tensor, seeds: list[int], steps: int,
+                 cfg: float):
         self.model = model
+        self.family = family_of(model)
         self.steps = steps
         self.cfg = cfg
-        self.sigmas = flux_sigmas(steps)
+        self.sigmas = self.family.sigmas(steps)
         self.noise = seeded_noise(seeds, model.config["in_channels"])
         self.tokens, self.pooled = encoder(torch.cat([labels, torch.full_like(labels, encoder.empty)]))
-        self.block_count = len(model.double_blocks) + len(model.single_blocks)
+        self.block_count = len(self.family.streams)
 
     def _model(self, doubled_x, sigma, transformer_options=None):
-        return self.model(doubled_x, sigma.repeat(doubled_x.shape[0]), self.tokens, self.pooled, transformer_options)
+        return self.family.call(doubled_x, sigma.repeat(doubled_x.shape[0]), self.tokens, self.pooled,
+                                transformer_options)
 
     def _guide(self, both: torch.Tensor) -> torch.Tensor:
         cond, uncond = both.chunk(2)
@@ -163,6 +328,8 @@ class StandaloneSampler:
             return SampleResult(latent, self.steps, self.steps * self.block_count, 0, time.perf_counter() - start)
         if method.scheduler == "easycache":
             return self._run_easycache(setting, start)
+        if method.scheduler == "spectrum":
+            return self._run_spectrum(setting, start)
         if method.granularity == "model":
             return self._run_whole_model(method.config(setting, max_skip), start)
         return self._run_blocks(method.config(setting, max_skip), start)
@@ -179,18 +346,24 @@ class StandaloneSampler:
         rank_sum: the session's sum over sequence-parallel ranks."""
         load_pack()
         from_runtime = sys.modules[f"{PACK_NAME}.nodes.runtime"]
-        adapter = sys.modules[f"{PACK_NAME}.nodes.adapters"].adapter_for("flux")
-        settings = from_runtime.CacheSettings(config, "flux", "blocks", adapter, ("double_block", 0), None)
+        family = self.family.adapter_family
+        adapter = sys.modules[f"{PACK_NAME}.nodes.adapters"].adapter_for(family)
+        first = adapter.block_keys(self.model)[0]
+        settings = from_runtime.CacheSettings(config, family, "blocks", adapter, first, None)
         session = from_runtime.SamplingSession(settings, self.model, None, self.sigmas.tolist(), rank_sum)
-        replace = {key: from_runtime.CachedBlock(*key) for key in adapter.block_keys(self.model)}
-        if wrap is not None:
-            replace = {key: wrap(entry) for key, entry in replace.items()}
-        options = {"patches_replace": {"dit": replace}, from_runtime.SESSION_KEY: session, "cond_or_uncond": [0, 1]}
+        options = {from_runtime.SESSION_KEY: session, "cond_or_uncond": [0, 1]}
+
+        def model_call(x, sigma):
+            # Through the pack's APPLY_MODEL wrapper, which object-patched
+            # blocks find their session through.
+            return from_runtime.apply_model_wrapper(lambda *_: self._velocity(x, sigma, options), x, sigma,
+                                                    transformer_options=options)
 
         def velocity(x, sigma):
-            return session.evaluate(float(sigma), lambda: self._velocity(x, sigma, options))
+            return session.evaluate(float(sigma), lambda: model_call(x, sigma))
 
-        latent = self._euler(velocity)
+        with self.family.cached(options, from_runtime, adapter, wrap):
+            latent = self._euler(velocity)
         session.finish()
         run = session.run
         if session.fault_notes:
@@ -203,7 +376,8 @@ class StandaloneSampler:
         latent to the denoised one, as ComfyUI's APPLY_MODEL does."""
         load_pack()
         from_runtime = sys.modules[f"{PACK_NAME}.nodes.runtime"]
-        settings = from_runtime.CacheSettings(config, "flux", "model", None, from_runtime.MODEL_MODULE, None)
+        settings = from_runtime.CacheSettings(config, self.family.adapter_family, "model", None,
+                                              from_runtime.MODEL_MODULE, None)
         session = from_runtime.SamplingSession(settings, self.model, None)
         options = {"cond_or_uncond": [0, 1]}
 
@@ -238,4 +412,41 @@ class StandaloneSampler:
 
         latent = self._euler(velocity)
         return SampleResult(latent, cache.computed, cache.computed * self.block_count, peak,
+                            time.perf_counter() - start)
+
+    def _run_spectrum(self, setting: SpectrumSetting, start) -> SampleResult:
+        full_steps = setting.full_steps(self.steps)
+        last_block = list(self.family.streams)[-1]
+        times: list[float] = []
+        features: list[torch.Tensor] = []
+        state = {"step": 0}
+        peak = 0
+
+        def intercept(key, inputs, compute):
+            step = state["step"]
+            if step in full_steps:
+                outputs = compute()
+                if key == last_block:
+                    times.append(2.0 * float(self.sigmas[step]) - 1.0)
+                    features.append(next(iter(outputs.values())))
+                return outputs
+            if key != last_block:
+                return inputs  # a skipped step runs no block
+            window = slice(-setting.window if setting.window else None, None)
+            weights = spectrum_weights(times[window], 2.0 * float(self.sigmas[step]) - 1.0, setting.mix)
+            forecast = sum(w * f for w, f in zip(weights, features[window]))
+            return {next(iter(inputs)): forecast}
+
+        options: dict = {}
+
+        def velocity(x, sigma):
+            nonlocal peak
+            output = self._velocity(x, sigma, options)
+            peak = max(peak, sum(f.numel() * f.element_size() for f in features))
+            state["step"] += 1
+            return output
+
+        with self.family.intercepted(options, intercept):
+            latent = self._euler(velocity)
+        return SampleResult(latent, len(full_steps), len(full_steps) * self.block_count, peak,
                             time.perf_counter() - start)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import statistics
 import time
@@ -28,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from .methods import METHODS, Method, SampleResult, StandaloneSampler, rfc_core
+from .methods import (METHODS, SPECTRUM_GROWTHS, SPECTRUM_MIXES, SPECTRUM_WINDOWS, Method, SampleResult, SpectrumSetting,
+                      StandaloneSampler, rfc_core)
 from .metrics import psnr, ssim
 from .tiny_flux import latent_to_pixels, load_bundled
 
@@ -71,8 +73,44 @@ def _closer(candidate_nfc: int, best_nfc: int | None, target: int) -> bool:
     return a < b or (a == b and candidate_nfc > best_nfc)
 
 
-def match(sampler, method: Method, target: int, max_skip: int, memo: dict) -> tuple[float, SampleResult]:
+def match_spectrum(sampler, target: int, reference: torch.Tensor) -> tuple[SpectrumSetting, SampleResult]:
+    """Spectrum at each of its published mix weights, gap growths and
+    windows, the first gap searched to hit the target (from the schedule
+    alone: its NFC does not depend on the features): the best image at the
+    closest NFC wins, so the baseline gets its best setting at every budget."""
+    best = None
+    for growth in SPECTRUM_GROWTHS:
+        for mix in SPECTRUM_MIXES:
+            for window in SPECTRUM_WINDOWS:
+                low, high, found = 0.0, math.log(sampler.steps), None
+                for _ in range(30):
+                    setting = SpectrumSetting(math.exp((low + high) / 2), growth, mix, window)
+                    nfc = len(setting.full_steps(sampler.steps))
+                    if _closer(nfc, None if found is None else found[1], target):
+                        found = (setting, nfc)
+                    if nfc == target:
+                        break
+                    if nfc > target:
+                        low = (low + high) / 2
+                    else:
+                        high = (low + high) / 2
+                result = sampler.run(StandaloneSpectrum, found[0])
+                quality = psnr(latent_to_pixels(result.latent), reference)
+                if best is None or _closer(result.nfc, best[1].nfc, target) and result.nfc != best[1].nfc or (
+                        result.nfc == best[1].nfc and quality > best[2]):
+                    best = (found[0], result, quality)
+    return best[0], best[1]
+
+
+StandaloneSpectrum = next(m for m in METHODS if m.scheduler == "spectrum")
+
+
+def match(sampler, method: Method, target: int, max_skip: int, memo: dict,
+          reference: torch.Tensor | None = None) -> tuple[float, SampleResult]:
+    """reference: full compute's pixels, which Spectrum's search picks its best setting by."""
     steps = sampler.steps
+    if method.scheduler == "spectrum":
+        return match_spectrum(sampler, target, reference)
     if not method.searches_threshold:
         best = None
         for interval in range(1, steps + 1):
@@ -119,7 +157,7 @@ def benchmark(sampler, methods, targets, max_skip: int, label: str) -> tuple[lis
         for target_index, target in enumerate(targets):
             started = time.perf_counter()
             try:
-                setting, result = match(sampler, method, target, max_skip, memo)
+                setting, result = match(sampler, method, target, max_skip, memo, reference_pixels)
             except RuntimeError as error:
                 # A baseline that crashes is a result too (core's EasyCache
                 # node fails on batched cond/uncond at some ComfyUI versions).
@@ -143,13 +181,20 @@ def minutes(seconds: float) -> str:
     return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
 
 
+def describe_setting(setting) -> str:
+    if isinstance(setting, SpectrumSetting):
+        window = "all" if setting.window is None else f"last {setting.window}"
+        return f"gap {setting.first_gap:.3g}, growth {setting.growth:g}, w {setting.mix:g}, window {window}"
+    return f"interval {setting}" if isinstance(setting, int) else f"threshold {setting:.4g}"
+
+
 def markdown_table(rows: list[Row], steps: int, title: str, failures: list[str] = ()) -> str:
     lines = [f"### {title}", "",
              "| method | target NFC | NFC | setting | PSNR (dB) | SSIM | time vs full | cache memory |",
              "|---|---|---|---|---|---|---|---|",
              f"| full compute | {steps} | {steps} | - | inf | 1.000 | 1.00 | 0 |"]
     for row in rows:
-        setting = (f"interval {row.setting}" if isinstance(row.setting, int) else f"threshold {row.setting:.4g}")
+        setting = describe_setting(row.setting)
         memory = "-" if row.result.cache_bytes is None else f"{row.result.cache_bytes / 2**20:.2f} MiB"
         lines.append(f"| {row.method} | {row.target} | {row.result.nfc} | {setting} | {row.psnr:.2f} | "
                      f"{row.ssim:.3f} | {row.time_ratio:.2f} | {memory} |")

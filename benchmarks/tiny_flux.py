@@ -298,7 +298,8 @@ class LabelEncoder:
         return self.tokens.shape[0] - 1
 
     def __call__(self, labels: torch.Tensor):
-        return self.tokens[labels], self.pooled[labels]
+        """Token sequences and pooled vectors (None for a model without one)."""
+        return self.tokens[labels], None if self.pooled is None else self.pooled[labels]
 
 
 def bundled_metadata(path: Path = BUNDLED_WEIGHTS) -> dict:

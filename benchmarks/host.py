@@ -109,13 +109,49 @@ def complete_params(unet_config: dict) -> dict:
     return completed
 
 
-def load_as_checkpoint(model, state_dict: dict) -> None:
+def load_as_checkpoint(model, state_dict: dict, unused: tuple[str, ...] = ()) -> None:
     """Load diffusion model weights through the model config's own key
     conversion, as ComfyUI loads a checkpoint (Flux's QK-norm `.scale` keys
     are `.weight` parameters in newer ComfyUI), but strictly: a key the
-    model does not take fails here instead of being logged and dropped."""
+    model does not take fails here instead of being logged and dropped.
+    unused: parameters the class builds but its forward never reads, which
+    a checkpoint may lack."""
     converted = model.model_config.process_unet_state_dict(dict(state_dict))
-    model.diffusion_model.load_state_dict(converted, strict=True)
+    missing, unexpected = model.diffusion_model.load_state_dict(converted, strict=False)
+    missing = [key for key in missing if key not in unused]
+    if missing or unexpected:
+        raise RuntimeError(f"the weights do not fit this ComfyUI's {type(model.diffusion_model).__name__}: "
+                           f"missing {missing}, unexpected {unexpected}")
+
+
+# NextDiT constructor keys older ComfyUI does not take, each with the value
+# that ComfyUI then builds in: a config at that value still loads there.
+NEXTDIT_BUILT_IN = {"rope_theta": 10000.0, "z_image_modulation": False, "time_scale": 1.0}
+# v0.3.64's NextDiT builds a final RMSNorm that its forward never applies.
+NEXTDIT_UNUSED = ("norm_final.weight",)
+
+
+def comfy_nextdit(config: dict, state_dict: dict):
+    """A TinyNextDiT config and state dict in ComfyUI's own NextDiT (its
+    Lumina 2 model config), loaded as a checkpoint; None when this ComfyUI's
+    NextDiT cannot build that config (Z-Image's modulation before v0.3.7x)."""
+    import inspect
+
+    import comfy.ldm.lumina.model
+    import comfy.supported_models
+
+    accepted = inspect.signature(comfy.ldm.lumina.model.NextDiT.__init__).parameters
+    unet_config = {"image_model": "lumina2"}
+    for key, value in config.items():
+        if key in accepted:
+            unet_config[key] = value
+        elif NEXTDIT_BUILT_IN.get(key, object()) != value:
+            return None
+    model_config = comfy.supported_models.Lumina2(unet_config)
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({})
+    load_as_checkpoint(model, state_dict, unused=NEXTDIT_UNUSED)
+    return model.diffusion_model
 
 
 def comfy_flux_from_bundled(path: Path = BUNDLED_WEIGHTS):
@@ -136,9 +172,10 @@ def comfy_flux_from_bundled(path: Path = BUNDLED_WEIGHTS):
 
 
 def host_methods(methods):
-    """Core's EasyCache node stands in for the whole-model rule."""
+    """Core's EasyCache node stands in for the whole-model rule; Spectrum,
+    which has no node in ComfyUI itself, runs standalone only."""
     return [Method("EasyCache node (core)", None, "easycache") if m.scheduler == "easycache" else m
-            for m in methods]
+            for m in methods if m.scheduler != "spectrum"]
 
 
 class HostSampler:

@@ -69,10 +69,10 @@ def test_forced_caching_cuts_block_executions_to_about_a_third(family, cfg, batc
     latent, calls = counted_sample(patched, diffusion_model, steps=steps, cfg=cfg, batch=batch)
     blocks = len(diffusion_model.double_blocks) + len(diffusion_model.single_blocks)
     chunks = reference_calls // (steps * blocks)
-    # warm-up of order + 1 = 2 full evaluations, then two predicted and one
-    # computed: 2 + 28 // 3 = 11 of 30 evaluations are computed
-    full_evaluations = 2 + (steps - 2) // (FORCED["max_skip"] + 1)
-    assert full_evaluations == 11
+    # one warm-up evaluation, then two predicted and one computed:
+    # 1 + 29 // 3 = 10 of 30 evaluations are computed
+    full_evaluations = 1 + (steps - 1) // (FORCED["max_skip"] + 1)
+    assert full_evaluations == 10
     assert calls == full_evaluations * blocks * chunks
     assert torch.isfinite(latent).all()
     assert latent.shape == reference.shape
@@ -155,7 +155,7 @@ def test_summary_reaches_the_node_through_the_server(family, monkeypatch):
     assert len(sent) == 1
     event, data = sent[0]
     assert event == "rfc-cache.summary" and data["node"] == "7"
-    assert f"computed 5 of {STEPS} model evaluations" in data["summary"]
+    assert f"computed 4 of {STEPS} model evaluations" in data["summary"]
 
 
 def test_module_input_is_what_the_block_feeds_its_first_linear(family):
@@ -202,6 +202,6 @@ def test_cond_and_uncond_in_separate_chunks_share_each_decision(family, monkeypa
     monkeypatch.setattr(model.model, "memory_required", lambda *args, **kwargs: float("inf"))
     split, split_calls = counted_sample(rfc(nodes, model, **FORCED), diffusion_model, steps=STEPS, cfg=3.0)
     blocks = len(diffusion_model.double_blocks) + len(diffusion_model.single_blocks)
-    assert batched_calls == 5 * blocks  # one batched forward per computed evaluation
-    assert split_calls == 2 * 5 * blocks  # two forwards, computed on the same 5 evaluations
+    assert batched_calls == 4 * blocks  # one batched forward per computed evaluation
+    assert split_calls == 2 * 4 * blocks  # two forwards, computed on the same 4 evaluations
     torch.testing.assert_close(split, batched, rtol=1e-4, atol=1e-4)

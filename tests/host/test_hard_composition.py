@@ -4,7 +4,7 @@ before and after the RFC node.
 
 Real block executions are counted with torch hooks from outside the pack.
 FORCED on a run of STEPS = 12 evaluations at cfg 1 computes evaluations 0,
-1, 4, 7 and 10 (FORCED_COMPUTED); threshold 0 never skips.
+3, 6 and 9 (FORCED_COMPUTED); threshold 0 never skips.
 """
 
 from __future__ import annotations
@@ -396,7 +396,7 @@ def model_sampling_node(family):
 
 
 def forced_computed_evaluations(sigmas: torch.Tensor, model_sampling, start_percent: float, end_percent: float,
-                                warmup: int = FORCED["order"] + 1, max_skip: int = FORCED["max_skip"]) -> int:
+                                warmup: int = 1, max_skip: int = FORCED["max_skip"]) -> int:
     """How many of euler's evaluations FORCED computes when the skip window
     is placed with `model_sampling`."""
     highest = float(model_sampling.percent_to_sigma(start_percent))

@@ -2,9 +2,9 @@
 exceptions inside the cache logic, and models the pack has never heard of.
 
 Real block executions are counted with torch hooks from outside the pack;
-with FORCED on a run of STEPS evaluations at cfg 1, evaluations 0 and 1 are
-computed (warm-up), then two are predicted and one computed, so evaluation 4
-is the first computed one after the first predicted ones (2 and 3).
+with FORCED on a run of STEPS evaluations at cfg 1, evaluation 0 is
+computed (warm-up), then two are predicted and one computed, so evaluation 3
+is the first computed one after the first predicted ones (1 and 2).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from shared_specs import FLUX_SPEC, SPECS
 from tiny_models import FLUX_CONFIG, build, counted
 
 STEPS = 12
-# FORCED at STEPS: evaluations 0, 1, 4, 7, 10 computed.
-FORCED_COMPUTED = 5
+# FORCED at STEPS: evaluations 0, 3, 6, 9 computed.
+FORCED_COMPUTED = 4
 
 
 class Family:
@@ -169,8 +169,8 @@ def test_non_finite_prediction_computes_that_evaluation_again(family, monkeypatc
     estimators = pack_module(family.nodes, "rfc_core.estimators")
     run_module = pack_module(family.nodes, "rfc_core.run")
     blocks = len(family.block_keys)
-    faulty_call = blocks + 2  # evaluation 3, second block
-    faulty_evaluation = 3
+    faulty_call = blocks + 2  # evaluation 2, second block
+    faulty_evaluation = 2
 
     forced, forced_calls = family.run(rfc(family.nodes, family.model, **FORCED))
 
@@ -201,13 +201,14 @@ def test_non_finite_prediction_computes_that_evaluation_again(family, monkeypatc
 
     assert predictions[0] >= faulty_call
     assert torch.isfinite(latent).all()
-    # Evaluation 3 computed in place of the one max_skip would have forced next.
-    assert calls == reference_calls == forced_calls
+    # Evaluation 2 computed, then one in three again from there: 0, 2, 5, 8
+    # and 11, one more than FORCED's 0, 3, 6 and 9.
+    assert calls == reference_calls == forced_calls // FORCED_COMPUTED * (FORCED_COMPUTED + 1)
     assert torch.equal(latent, reference)
     assert not torch.equal(latent, forced)
     assert len(records(caplog, logging.WARNING, "inf or NaN")) == 1
     assert "computed again in full" in caplog.text
-    assert (computed, total) == (forced_calls // blocks, STEPS)
+    assert (computed, total) == (FORCED_COMPUTED + 1, STEPS)
 
 
 def corrupt_once(module: torch.nn.Module, at_call: int, tokens: slice):
@@ -240,8 +241,9 @@ def test_non_finite_values_the_model_drops_never_reach_the_image(family, caplog)
     """NaN in tokens the model drops leaves the uncached run untouched, and
     the cached one too: it may sit in that block's cache, but a prediction
     is elementwise in the cached values and its size comes from the module
-    input, so the tokens the model keeps are predicted exactly as in a clean
-    run and nothing has to be computed again."""
+    input, so nothing has to be computed again. Only the block's trust is
+    measured over a sample that takes in those tokens (NaN left out of its
+    sums), so the image is close to the clean cached run, not bit-identical."""
     if family.spec.name not in DISCARDED:
         pytest.skip(f"{family.spec.name}: every token a block returns reaches the model output")
     corrupted = DISCARDED[family.spec.name](family.diffusion_model)
@@ -257,14 +259,15 @@ def test_non_finite_values_the_model_drops_never_reach_the_image(family, caplog)
 
     forced, forced_calls = family.run(rfc(family.nodes, family.model, **FORCED))
     caplog.set_level(logging.WARNING, logger="ComfyUI-RFC")
-    handle = corrupt_once(corrupted, at_call=3, tokens=first_token)  # computed evaluations 0, 1, 4
+    handle = corrupt_once(corrupted, at_call=3, tokens=first_token)  # computed evaluations 0, 3, 6
     try:
         latent, calls = family.run(rfc(family.nodes, family.model, **FORCED))
     finally:
         handle.remove()
 
     assert forced_calls == clean_calls // STEPS * FORCED_COMPUTED
-    assert torch.equal(latent, forced)
+    assert torch.isfinite(latent).all()
+    assert ((latent - forced).norm() / forced.norm()).item() < 1e-2
     assert calls == forced_calls
     assert not records(caplog, logging.WARNING, "inf or NaN")
 
@@ -290,8 +293,8 @@ def test_non_finite_block_output_the_model_keeps_gives_what_the_uncached_run_giv
     blocks = uncached_calls // STEPS
     assert torch.isnan(uncached).all()
     assert torch.equal(torch.isnan(latent), torch.isnan(uncached))
-    # Evaluations 2 and 3 were predicted; from 4 on every one is computed.
-    assert calls == uncached_calls - 2 * blocks
+    # Evaluations 1, 2, 4 and 5 were predicted; from 7 on every one is computed.
+    assert calls == uncached_calls - 4 * blocks
     assert not [r for r in caplog.records if r.name == "ComfyUI-RFC" and r.levelno >= logging.ERROR]
 
 
@@ -426,6 +429,6 @@ def test_made_up_diffusion_model_falls_back_to_whole_model_caching(comfy, caplog
     latent, calls = counted([diffusion_model], lambda: sample_spec(FLUX_SPEC, patched, steps=30))
     assert torch.equal(same, reference) and same_calls == reference_calls
     assert torch.equal(unchanged, reference)
-    assert calls == reference_calls // 30 * 11
+    assert calls == reference_calls // 30 * 10
     assert torch.isfinite(latent).all()
     assert ((latent - reference).norm() / reference.norm()).item() < 1.0

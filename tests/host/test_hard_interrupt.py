@@ -125,8 +125,8 @@ def test_stopped_run_leaves_nothing_behind(family, nodes, uninterrupted, monkeyp
     guider, sample = guided_sampling(family, patched, callback)
     failing_block = None
     if stop == "block":
-        # Evaluations 0, 1 (warm-up) and 4 are computed: fail in the second
-        # counted module of evaluation 4, after the first has been recorded.
+        # Evaluations 0 (warm-up), 3 and 6 are computed: fail in the second
+        # counted module of evaluation 6, after the first has been recorded.
         failing_block = FailingBlock(family.blocks()[1], fail_on_call=2 * per_evaluation // len(family.blocks()) + 1)
     expected = model_management.InterruptProcessingException if stop == "interrupt" else SamplingStopped
     try:
@@ -139,8 +139,8 @@ def test_stopped_run_leaves_nothing_behind(family, nodes, uninterrupted, monkeyp
     assert stopped.value.__traceback__ is not None
     assert len(spy.sessions) == 1
     stopped_run = spy.sessions[0].run
-    # Stopped where intended: in evaluation 4, or after evaluation 3, with predictions made.
-    assert len(stopped_run.evaluations) == (5 if stop == "block" else STOP_AFTER_STEP + 1)
+    # Stopped where intended: in evaluation 6, or after evaluation 3, with predictions made.
+    assert len(stopped_run.evaluations) == (7 if stop == "block" else STOP_AFTER_STEP + 1)
     assert stopped_run.modules_predicted > 0
     assert len(spy.references) > 0
     assert spy.still_alive() == []

@@ -25,10 +25,9 @@ HIRES_SCALE = 1.5
 
 
 def computed_evaluations(steps: int, max_skip: int = FORCED["max_skip"], order: int = FORCED["order"]) -> int:
-    """Evaluations FORCED computes in a run of `steps`: a warm-up of order + 1,
-    then one in every max_skip + 1."""
-    warmup = order + 1
-    return warmup + (steps - warmup) // (max_skip + 1)
+    """Evaluations FORCED computes in a run of `steps`: RCS's warm-up of one
+    (whatever the order), then one in every max_skip + 1."""
+    return 1 + (steps - 1) // (max_skip + 1)
 
 
 class Family:

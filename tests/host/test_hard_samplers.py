@@ -138,7 +138,7 @@ def forced_plan(sigmas: list[float], order: int = FORCED["order"], max_skip: int
     assert all(later <= earlier for earlier, later in zip(sigmas, sigmas[1:])), sigmas
     plan, points, in_row = [], set(), 0
     for sigma in sigmas:
-        skip = len(points) > order and in_row < max_skip and 0.0 < sigma <= 1.0
+        skip = len(points) > 0 and in_row < max_skip and 0.0 < sigma <= 1.0
         plan.append(not skip)
         if skip:
             in_row += 1
@@ -191,8 +191,9 @@ ANCESTRAL_TRAILING_ZEROS = Case("euler_ancestral", sigmas=(1.0, 0.8, 0.6, 0.0, 0
 # It replaces that point and drops the one before it (1.0), leaving two.
 RESTART_ORDER_2 = Case("euler", sigmas=(1.0, 0.8, 0.6, 0.4, 0.8, 0.3, 0.0),
                        widgets=(("order", 2), ("max_skip", 1)),
-                       # RCS warms up again on two points: 0.3 is computed
-                       plan=(C, C, C, S, C, C))
+                       # max_skip 1 computes every other evaluation; the
+                       # forecasts left after the restart predict 0.3
+                       plan=(C, S, C, S, C, S))
 # TaylorSeer's fixed interval predicts right after the restart, from the
 # block forecasts themselves.
 RESTART_TAYLORSEER = Case("euler", sigmas=(1.0, 0.8, 0.6, 0.4, 0.8, 0.3, 0.2, 0.0),
@@ -290,13 +291,13 @@ def test_two_evaluations_per_step_are_counted_exactly(models, nodes, sampler, st
     """heun evaluates at both ends of each step, dpm_2 at the start and at a
     mid-point sigma that is not in the schedule; both take a plain Euler
     step into sigma 0. So 2 * steps - 1 evaluations, of which forced caching
-    computes the warm-up of 2 and then one in every 3."""
+    computes the warm-up of 1 and then one in every 3."""
     spec, model = FLUX_SPEC, models("flux")
     blocks = len(counted_modules(spec, model, nodes))
     _, reference_log = run_logged(spec, model, model, nodes, sampler=sampler, steps=steps)
     _, log = run_logged(spec, model, rfc(nodes, model, **FORCED), nodes, sampler=sampler, steps=steps)
     evaluations = 2 * steps - 1
-    computed = 2 + (evaluations - 2) // (FORCED["max_skip"] + 1)
+    computed = 1 + (evaluations - 1) // (FORCED["max_skip"] + 1)
     assert len(log.evaluations) == evaluations
     # cfg 3 batches cond and uncond into one forward per evaluation
     assert reference_log.blocks == evaluations * blocks

@@ -25,8 +25,8 @@ from tiny_models import HookCounter, build
 
 DEVICES = (torch.device("cpu"), torch.device("cpu", 1))
 STEPS = 12
-# Forced caching computes evaluations 0, 1, 4, 7 and 10 of 12.
-FORCED_COMPUTED = 5
+# Forced caching computes evaluations 0, 3, 6 and 9 of 12.
+FORCED_COMPUTED = 4
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,10 @@ def test_every_device_follows_one_decision_per_evaluation(family, nodes, caplog)
     # One device runs cond and uncond batched: one block execution covers both.
     assert reference_counts == {"single": blocks * FORCED_COMPUTED}
     assert counts == {"main": blocks * FORCED_COMPUTED, "clone": blocks * FORCED_COMPUTED}
-    torch.testing.assert_close(latent, reference, rtol=1e-4, atol=1e-4)
+    # Each device's chunk measures its own trust (one per block over the
+    # chunk's samples) where the one-device run measures one over cond and
+    # uncond together: close, not equal.
+    torch.testing.assert_close(latent, reference, rtol=1e-2, atol=5e-3)
     summary = re.search(r"computed (\d+) of (\d+) model evaluations", caplog.text)
     assert summary and (int(summary.group(1)), int(summary.group(2))) == (FORCED_COMPUTED, STEPS)
     assert not [r for r in caplog.records if r.name == "ComfyUI-RFC" and r.levelno >= logging.WARNING]

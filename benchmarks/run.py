@@ -1,17 +1,19 @@
-"""Benchmark: quality against compute for every caching method, on the
-bundled trained model, at matched numbers of full computations (NFC).
+"""Benchmark: quality against compute for every caching method, on the two
+bundled trained models, at matched numbers of full computations (NFC).
 
 Each method's setting (interval for fixed schedules, threshold for RCS and
-EasyCache's rule) is searched so that it computes as close as possible to
-each target NFC out of 50 steps; quality is PSNR and SSIM of the decoded
-images against full compute. Prints a markdown table, writes a plot of
-quality against NFC and a side-by-side image grid.
+EasyCache's rule, Spectrum's first gap at each of its mix weights, gap
+growths and windows) is searched so that it computes as close as possible
+to each target NFC out of 50 steps; quality is PSNR and SSIM of the decoded
+images against full compute. Prints a markdown table per model, writes a
+plot of quality against NFC and a side-by-side image grid per model.
 
     pip install pillow matplotlib
-    python -m benchmarks.run                   # about 5 minutes on 2 CPU cores
-    COMFYUI_PATH=/path/to/ComfyUI python -m benchmarks.run   # also through real ComfyUI
+    python -m benchmarks.run                   # both models, under 10 minutes on 2 CPU cores
+    python -m benchmarks.run --model nextdit   # one of them
+    COMFYUI_PATH=/path/to/ComfyUI python -m benchmarks.run   # the Flux model also through real ComfyUI
 
-With COMFYUI_PATH set, the same comparison runs a second time through
+With COMFYUI_PATH set, the Flux comparison runs a second time through
 ComfyUI's own Flux class, the pack's node function and ComfyUI's sampler,
 with core's EasyCache node in place of the whole-model rule.
 """
@@ -249,8 +251,18 @@ def sample_set(count: int, classes: int) -> tuple[torch.Tensor, list[int]]:
     return torch.arange(count) % classes, list(range(count))
 
 
+def bundled_models() -> dict:
+    """--model name: (loader, file name stem, plot title)."""
+    from .tiny_nextdit import load_bundled_nextdit
+
+    return {"flux": (load_bundled, "flux", "bundled tiny Flux"),
+            "nextdit": (load_bundled_nextdit, "nextdit", "bundled tiny NextDiT (Lumina 2 / Z-Image layout)")}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["all", "flux", "nextdit"], default="all",
+                        help="which bundled model to run (default: both)")
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--cfg", type=float, default=3.0)
@@ -262,33 +274,34 @@ def main(argv=None) -> None:
     parser.add_argument("--no-host", action="store_true", help="skip the ComfyUI pass even with COMFYUI_PATH set")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    torch.manual_seed(0)
     started = time.perf_counter()
-
-    model, encoder, _ = load_bundled()
-    labels, seeds = sample_set(args.samples, len(encoder.names))
     methods = [m for m in METHODS if not args.methods or any(s.lower() in m.name.lower() for s in args.methods)]
     grid_target = min(args.nfc, key=lambda n: abs(n - 10))
-
-    sampler = StandaloneSampler(model, encoder, labels, seeds, args.steps, args.cfg)
-    rows, reference, images, failures = benchmark(sampler, methods, args.nfc, args.max_skip, "standalone")
-    title = (f"Bundled tiny Flux, {args.samples} samples, {args.steps} Euler steps, cfg {args.cfg}, "
-             f"{torch.get_num_threads()} CPU threads")
-    print(markdown_table(rows, args.steps, title, failures))
-    plot(rows, args.out / "benchmark_quality_vs_nfc.png", "Quality against full compute, bundled tiny Flux")
-    image_grid(reference, images, methods, grid_target, args.out / f"benchmark_grid_nfc{grid_target}.png")
-
-    comfyui_path = os.environ.get("COMFYUI_PATH")
-    if comfyui_path and not args.no_host:
-        from .host import HostSampler, host_methods
-
-        host_sampler = HostSampler(comfyui_path, labels, seeds, args.steps, args.cfg)
-        host_rows, _, _, host_failures = benchmark(host_sampler, host_methods(methods), args.nfc, args.max_skip,
-                                                   "ComfyUI")
+    models = bundled_models()
+    for key in (models if args.model == "all" else [args.model]):
+        torch.manual_seed(0)
+        load, stem, name = models[key]
+        model, encoder, _ = load()
+        labels, seeds = sample_set(args.samples, len(encoder.names))
+        sampler = StandaloneSampler(model, encoder, labels, seeds, args.steps, args.cfg)
+        rows, reference, images, failures = benchmark(sampler, methods, args.nfc, args.max_skip, key)
+        title = (f"{name[0].upper()}{name[1:]}, {args.samples} samples, {args.steps} Euler steps, cfg {args.cfg}, "
+                 f"{torch.get_num_threads()} CPU threads")
+        print(markdown_table(rows, args.steps, title, failures))
         print()
-        print(markdown_table(host_rows, args.steps, f"Through ComfyUI ({host_sampler.version}): {title}",
-                             host_failures))
-    print(f"\nTotal time: {minutes(time.perf_counter() - started)}")
+        plot(rows, args.out / f"benchmark_{stem}_quality_vs_nfc.png", f"Quality against full compute, {name}")
+        image_grid(reference, images, methods, grid_target, args.out / f"benchmark_{stem}_grid_nfc{grid_target}.png")
+        comfyui_path = os.environ.get("COMFYUI_PATH")
+        if key == "flux" and comfyui_path and not args.no_host:
+            from .host import HostSampler, host_methods
+
+            host_sampler = HostSampler(comfyui_path, labels, seeds, args.steps, args.cfg)
+            host_rows, _, _, host_failures = benchmark(host_sampler, host_methods(methods), args.nfc, args.max_skip,
+                                                       "ComfyUI")
+            print(markdown_table(host_rows, args.steps, f"Through ComfyUI ({host_sampler.version}): {title}",
+                                 host_failures))
+            print()
+    print(f"Total time: {minutes(time.perf_counter() - started)}")
 
 
 if __name__ == "__main__":

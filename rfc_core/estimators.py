@@ -189,6 +189,7 @@ class RelationalEstimator(TaylorEstimator):
             return values
         return values[..., ::max(1, values.shape[-1] // self.trust_sample) | 1]
 
+    @torch.compiler.disable
     def reserve(self, sigma: float, likes: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         history = self.history
         self._forecast_step = None
@@ -229,6 +230,9 @@ class RelationalEstimator(TaylorEstimator):
             self._weights = torch.empty((values.shape[0], 1, history.slot_count), dtype=values.dtype,
                                         device=values.device)
 
+    # Not traced by torch.compile: a traced graph may sum in another order,
+    # and a trust that differs in its last bit changes every prediction.
+    @torch.compiler.disable
     def _measure_trust(self) -> None:
         forecast, self._forecast_step = self._forecast_step, None
         if forecast is None:
@@ -243,8 +247,10 @@ class RelationalEstimator(TaylorEstimator):
             sample = self._trust_sample(values)
             actual = (sample[:, newest] - sample[:, older]).float()
             step = step.float()
-            actual_dot = actual_dot + (actual * step).sum()
-            forecast_square = forecast_square + step.square().sum()
+            # nansum: NaN in a token the model drops (text tokens after the
+            # last block) must not cost the whole block its trust.
+            actual_dot = actual_dot + (actual * step).nansum()
+            forecast_square = forecast_square + step.square().nansum()
         self.trust_sums = torch.stack((actual_dot, forecast_square))
 
     def set_trust(self, actual_dot: float, forecast_square: float) -> None:

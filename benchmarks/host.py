@@ -147,9 +147,19 @@ def comfy_nextdit(config: dict, state_dict: dict):
             unet_config[key] = value
         elif NEXTDIT_BUILT_IN.get(key, object()) != value:
             return None
-    model_config = comfy.supported_models.Lumina2(unet_config)
-    model_config.set_inference_dtype(torch.float32, None)
-    model = model_config.get_model({})
+    def build():
+        model_config = comfy.supported_models.Lumina2(unet_config)
+        model_config.set_inference_dtype(torch.float32, None)
+        return model_config.get_model({})
+
+    model = build()
+    built = model.diffusion_model.layers[0].feed_forward.w1.out_features
+    wanted = state_dict["layers.0.feed_forward.w1.weight"].shape[0]
+    if built != wanted:
+        # v0.3.64 applies ffn_dim_multiplier to 4 * dim, later versions to
+        # dim: scale it so this ComfyUI builds the feed-forward the weights have.
+        unet_config["ffn_dim_multiplier"] = config["ffn_dim_multiplier"] * wanted / built
+        model = build()
     load_as_checkpoint(model, state_dict, unused=NEXTDIT_UNUSED)
     return model.diffusion_model
 

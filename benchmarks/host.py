@@ -147,6 +147,7 @@ def comfy_nextdit(config: dict, state_dict: dict):
             unet_config[key] = value
         elif NEXTDIT_BUILT_IN.get(key, object()) != value:
             return None
+
     def build():
         model_config = comfy.supported_models.Lumina2(unet_config)
         model_config.set_inference_dtype(torch.float32, None)

@@ -207,7 +207,6 @@ class FluxFamily:
     """The bundled Flux: blocks through `patches_replace`, as ComfyUI's Flux."""
 
     adapter_family = "flux"
-    title = "tiny Flux"
 
     def __init__(self, model: TinyFlux):
         self.model = model
@@ -247,7 +246,6 @@ class NextDiTFamily:
     is replaced for the run, as the node's object patch does in ComfyUI."""
 
     adapter_family = "lumina2"
-    title = "tiny NextDiT (Lumina 2 / Z-Image layout)"
 
     def __init__(self, model: TinyNextDiT):
         self.model = model
@@ -432,12 +430,14 @@ class StandaloneSampler:
                 if key == last_block:
                     times.append(2.0 * float(self.sigmas[step]) - 1.0)
                     features.append(next(iter(outputs.values())))
+                    if setting.window is not None:
+                        # Only the fit's window is kept, as Spectrum keeps it.
+                        del times[:-setting.window], features[:-setting.window]
                 return outputs
             if key != last_block:
                 return inputs  # a skipped step runs no block
-            window = slice(-setting.window if setting.window else None, None)
-            weights = spectrum_weights(times[window], 2.0 * float(self.sigmas[step]) - 1.0, setting.mix)
-            forecast = sum(w * f for w, f in zip(weights, features[window]))
+            weights = spectrum_weights(times, 2.0 * float(self.sigmas[step]) - 1.0, setting.mix)
+            forecast = sum(w * f for w, f in zip(weights, features))
             return {next(iter(inputs)): forecast}
 
         options: dict = {}

@@ -75,36 +75,49 @@ def _closer(candidate_nfc: int, best_nfc: int | None, target: int) -> bool:
     return a < b or (a == b and candidate_nfc > best_nfc)
 
 
+def bisect_nfc(nfc_of, low: float, high: float, iterations: int, target: int):
+    """Bisect a setting in (low, high) whose NFC falls as it grows, for the
+    one closest to the target (ties to more compute). nfc_of(middle) ->
+    (setting, nfc, payload); returns the best of those."""
+    best = None
+    for _ in range(iterations):
+        middle = (low + high) / 2
+        found = nfc_of(middle)
+        if _closer(found[1], None if best is None else best[1], target):
+            best = found
+        if found[1] == target:
+            break
+        if found[1] > target:
+            low = middle
+        else:
+            high = middle
+    return best
+
+
+SPECTRUM = next(m for m in METHODS if m.scheduler == "spectrum")
+
+
 def match_spectrum(sampler, target: int, reference: torch.Tensor) -> tuple[SpectrumSetting, SampleResult]:
     """Spectrum at each of its published mix weights, gap growths and
     windows, the first gap searched to hit the target (from the schedule
     alone: its NFC does not depend on the features): the best image at the
     closest NFC wins, so the baseline gets its best setting at every budget."""
-    best = None
+    candidates = []
     for growth in SPECTRUM_GROWTHS:
+        def schedule_nfc(log_gap, growth=growth):
+            setting = SpectrumSetting(math.exp(log_gap), growth, 1.0)
+            return setting, len(setting.full_steps(sampler.steps)), None
+
+        gap = bisect_nfc(schedule_nfc, 0.0, math.log(sampler.steps), 30, target)[0].first_gap
         for mix in SPECTRUM_MIXES:
             for window in SPECTRUM_WINDOWS:
-                low, high, found = 0.0, math.log(sampler.steps), None
-                for _ in range(30):
-                    setting = SpectrumSetting(math.exp((low + high) / 2), growth, mix, window)
-                    nfc = len(setting.full_steps(sampler.steps))
-                    if _closer(nfc, None if found is None else found[1], target):
-                        found = (setting, nfc)
-                    if nfc == target:
-                        break
-                    if nfc > target:
-                        low = (low + high) / 2
-                    else:
-                        high = (low + high) / 2
-                result = sampler.run(StandaloneSpectrum, found[0])
+                setting = SpectrumSetting(gap, growth, mix, window)
+                result = sampler.run(SPECTRUM, setting)
                 quality = psnr(latent_to_pixels(result.latent), reference)
-                if best is None or _closer(result.nfc, best[1].nfc, target) and result.nfc != best[1].nfc or (
-                        result.nfc == best[1].nfc and quality > best[2]):
-                    best = (found[0], result, quality)
-    return best[0], best[1]
-
-
-StandaloneSpectrum = next(m for m in METHODS if m.scheduler == "spectrum")
+                # Closest NFC first, then more compute (as _closer), then the better image.
+                candidates.append(((abs(result.nfc - target), -result.nfc, -quality), setting, result))
+    _, setting, result = min(candidates, key=lambda candidate: candidate[0])
+    return setting, result
 
 
 def match(sampler, method: Method, target: int, max_skip: int, memo: dict,
@@ -127,20 +140,12 @@ def match(sampler, method: Method, target: int, max_skip: int, memo: dict,
             memo[key] = sampler.run(method, threshold, max_skip)
         return memo[key]
 
-    low, high = LOG_THRESHOLD_RANGE
-    best = None
-    for _ in range(14):
-        middle = (low + high) / 2
-        result = evaluate(10 ** middle)
-        if _closer(result.nfc, None if best is None else best[1].nfc, target):
-            best = (10 ** middle, result)
-        if result.nfc == target:
-            break
-        if result.nfc > target:
-            low = middle
-        else:
-            high = middle
-    return best
+    def threshold_nfc(log_threshold):
+        result = evaluate(10 ** log_threshold)
+        return 10 ** log_threshold, result.nfc, result
+
+    threshold, _, result = bisect_nfc(threshold_nfc, *LOG_THRESHOLD_RANGE, 14, target)
+    return threshold, result
 
 
 def benchmark(sampler, methods, targets, max_skip: int, label: str) -> tuple[list[Row], torch.Tensor, dict]:

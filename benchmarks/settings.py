@@ -13,7 +13,7 @@ import logging
 
 import torch
 
-from .methods import Method, StandaloneSampler
+from .methods import METHODS, StandaloneSampler
 from .metrics import psnr
 from .run import bundled_models, sample_set
 from .tiny_flux import latent_to_pixels
@@ -21,7 +21,7 @@ from .tiny_flux import latent_to_pixels
 THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.5)
 # (steps, max_skip)
 RUNS = ((20, 3), (30, 3), (50, 3), (50, 4))
-RFC = Method("RFC m=1 (RFE + RCS)", "rfe", "rcs", 1)
+RFC = next(method for method in METHODS if method.name == "RFC m=1 (RFE + RCS)")
 
 
 def table(key: str, samples: int) -> str:

@@ -275,15 +275,17 @@ def latent_to_pixels(latent: torch.Tensor) -> torch.Tensor:
     return ((F.pixel_shuffle(latent.float(), 2) + 1) / 2).clamp(0, 1)
 
 
-def flux_sigmas(steps: int, shift: float = FLUX_SHIFT) -> torch.Tensor:
-    """ComfyUI's "simple" schedule on ModelSamplingFlux: steps+1 sigmas from 1 to 0."""
-    table_size = 10000
+def simple_schedule(steps: int, table_size: int, sigma_at) -> torch.Tensor:
+    """ComfyUI's "simple" scheduler: steps evenly strided from the top of a
+    model sampling's table of `table_size` timesteps t in (0, 1], each
+    mapped by sigma_at(t), then 0: steps+1 sigmas."""
     stride = table_size / steps
-    sigmas = []
-    for i in range(steps):
-        t = (table_size - int(i * stride)) / table_size
-        sigmas.append(math.exp(shift) / (math.exp(shift) + (1 / t - 1)))
-    return torch.tensor(sigmas + [0.0])
+    return torch.tensor([sigma_at((table_size - int(i * stride)) / table_size) for i in range(steps)] + [0.0])
+
+
+def flux_sigmas(steps: int, shift: float = FLUX_SHIFT) -> torch.Tensor:
+    """The "simple" schedule on ModelSamplingFlux: steps+1 sigmas from 1 to 0."""
+    return simple_schedule(steps, 10000, lambda t: math.exp(shift) / (math.exp(shift) + (1 / t - 1)))
 
 
 class LabelEncoder:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .tiny_flux import ASSETS, LABEL_TOKENS_KEY, LabelEncoder, apply_rope, rope
+from .tiny_flux import ASSETS, LABEL_TOKENS_KEY, LabelEncoder, apply_rope, rope, simple_schedule
 
 BUNDLED_NEXTDIT_WEIGHTS = ASSETS / "tiny_nextdit_skimage.safetensors"
 # ComfyUI's Z-Image sampling: ModelSamplingAuraFlow-style shift 3.0.
@@ -216,13 +216,7 @@ class TinyNextDiT(nn.Module):
 def shifted_flow_sigmas(steps: int, shift: float = ZIMAGE_SHIFT) -> torch.Tensor:
     """ComfyUI's "simple" schedule on ModelSamplingDiscreteFlow(shift):
     steps+1 sigmas from 1 to 0 (Lumina 2 uses shift 6, Z-Image 3)."""
-    table = 1000
-    stride = table / steps
-    sigmas = []
-    for i in range(steps):
-        t = (table - int(i * stride)) / table
-        sigmas.append(shift * t / (1 + (shift - 1) * t))
-    return torch.tensor(sigmas + [0.0])
+    return simple_schedule(steps, 1000, lambda t: shift * t / (1 + (shift - 1) * t))
 
 
 def load_bundled_nextdit(path: Path = BUNDLED_NEXTDIT_WEIGHTS, dtype=torch.float32):

@@ -71,15 +71,18 @@ class Recipe:
     sigmas: Callable
     grid: Path
     pooled: bool  # whether the label encoder has a pooled vector
+    label_width: int  # width of the label tokens (and pooled vector): the model's text input
     steps: int  # training steps at batch 96: each model trains in under 30 minutes on 2 CPU cores
 
 
 RECIPES = {
     "flux": Recipe(FLUX_CONFIG, "flux_config", TinyFlux, lambda m, x, s, t, p: m(x, s, t, p), BUNDLED_WEIGHTS,
-                   load_bundled, flux_sigmas, DOCS / "tiny_flux_samples.png", True, 2000),
+                   load_bundled, flux_sigmas, DOCS / "tiny_flux_samples.png", True,
+                   FLUX_CONFIG["context_in_dim"], 2000),
     "nextdit": Recipe(NEXTDIT_CONFIG, "nextdit_config", TinyNextDiT, lambda m, x, s, t, p: m(x, s, t),
                       BUNDLED_NEXTDIT_WEIGHTS, load_bundled_nextdit, shifted_flow_sigmas,
-                      DOCS / "tiny_nextdit_samples.png", False, 1600),
+                      DOCS / "tiny_nextdit_samples.png", False,
+                      NEXTDIT_CONFIG["cap_feat_dim"], 1600),
 }
 
 
@@ -161,7 +164,7 @@ def train(recipe: Recipe, args) -> None:
     generator = torch.Generator().manual_seed(args.seed)
     data = SkimageDataset(generator)
     model = recipe.build(recipe.config)
-    labels = LabelEmbedding(len(CLASS_NAMES), recipe.config.get("context_in_dim", recipe.config.get("cap_feat_dim")))
+    labels = LabelEmbedding(len(CLASS_NAMES), recipe.label_width)
     parameters = list(model.parameters()) + list(labels.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.0)
     ema_model, ema_labels = copy.deepcopy(model).requires_grad_(False), copy.deepcopy(labels).requires_grad_(False)

@@ -322,8 +322,13 @@ class SamplingSession:
             returns_known = names is not None
             if not returns_known:
                 names = tuple(name for name in group.streams if _non_empty(inputs[name]))
-            chunk_key = chunk_identity(transformer_options, inputs[group.streams[0]])
+            dropped_tokens = adapter.dropped_tail_tokens(kind, args)
+            chunk_key = chunk_identity(transformer_options, inputs[group.streams[0]], dropped_tokens)
             units = self._units(kind, index, names)
+            if dropped_tokens:
+                for unit_key, unit_names in units:
+                    run.keep_leading(chunk_key, unit_key, [inputs[name].numel() // inputs[name].shape[batch_dim]
+                                                           for name in unit_names])
             module_inputs = self._module_inputs(kind, index, args, units)
             if all(run.predicts(chunk_key, unit_key, module_inputs.get(unit_key)) for unit_key, _ in units):
                 predicted = dict(inputs)  # streams that are not cached pass through
@@ -491,7 +496,7 @@ def summary_message(node_id: str, summary: str, run: RFCRun) -> dict:
         "total": len(run.evaluations),
         "target_speedup": run.config.target_speedup,
         "peak_bytes": run.peak_bytes,
-        "evaluations": [{"sigma": e.sigma, "computed": e.computed, "accumulated": e.accumulated,
+        "evaluations": [{"sigma": e.sigma, "computed": e.counts_as_computed, "accumulated": e.accumulated,
                          "threshold": e.threshold, "reason": e.reason} for e in run.evaluations],
     }
 
@@ -683,9 +688,11 @@ def _warn_unreachable_target(run: RFCRun) -> None:
     target = run.config.target_speedup
     best = run.best_speedup()
     if target and best is not None and best < target / 1.1:
-        logger.warning("RFC: target_speedup %g cannot be reached in %d steps: max_skip %d, the start/end window and "
-                       "%d warm-up computations allow at most %.2fx", target, len(run.plan.step_sigmas),
-                       run.config.max_skip, run.config.warmup, best)
+        logger.warning("RFC: target_speedup %g cannot be reached in %d steps: max_skip %d, the start/end window, "
+                       "%d warm-up computations and a short run's last step allow at most %.2fx", target,
+                       len(run.plan.step_sigmas), run.config.max_skip, run.config.warmup, best)
+    elif target and run.rounded_target():
+        logger.info("RFC: target_speedup %g: %s", target, run.rounded_target())
 
 
 def _start_session(guider, settings: CacheSettings, sigmas) -> tuple[SamplingSession, dict]:

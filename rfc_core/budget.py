@@ -44,7 +44,7 @@ from typing import Callable, Sequence
 from .schedulers import RelationalScheduler
 
 # Relative tolerance for matching an evaluation's sigma to a schedule step.
-_STEP_RTOL = 1e-4
+STEP_RTOL = 1e-4
 
 
 class EvaluationPlan:
@@ -60,7 +60,7 @@ class EvaluationPlan:
     def observe(self, sigma: float) -> None:
         self.evaluations += 1
         while (self.steps_reached < len(self.step_sigmas)
-               and self.step_sigmas[self.steps_reached] >= sigma * (1.0 - _STEP_RTOL)):
+               and self.step_sigmas[self.steps_reached] >= sigma * (1.0 - STEP_RTOL)):
             self.steps_reached += 1
         self._future = self._project()
 

@@ -89,6 +89,10 @@ class TaylorEstimator:
         predicted = self.history.combine(self.weights(sigma, module_input))
         return predicted[0] if len(predicted) == 1 else predicted
 
+    def keep_leading(self, features: Sequence[int]) -> None:
+        """See FeatureHistory.keep_leading: module inputs are left as they are."""
+        self.history.keep_leading(features)
+
     def relocate(self, storage: FeatureStorage) -> None:
         self.history.relocate(storage)
 

@@ -155,6 +155,13 @@ class FeatureHistory:
                 del self.slots[j:end]
                 return
 
+    def keep_leading(self, features: Sequence[int]) -> None:
+        """Keep only the first `features[stream]` features of each stream,
+        in storage of that size: the tokens a patch removed from the end of
+        a stream (core's FluxKVCache drops the reference images' tokens after
+        the first step) are dropped from every point, and their memory freed."""
+        self.values = [v[..., :count].clone() if v.shape[2] > count else v for v, count in zip(self.values, features)]
+
     def weights_by_slot(self, x: float) -> list[float]:
         by_slot = [0.0] * self.slot_count
         for slot, weight in zip(self.slots, lagrange_weights(self.nodes, x)):

@@ -17,12 +17,21 @@ from typing import Callable, Hashable, Sequence
 
 import torch
 
-from .budget import EvaluationPlan, SpeedupScheduler
+from .budget import STEP_RTOL, EvaluationPlan, SpeedupScheduler
 from .config import CacheConfig
 from .estimators import TaylorEstimator, make_estimator, per_sample_norm
 from .history import FeatureHistory, WeightBank, flat, lagrange_weights
 from .schedulers import make_scheduler
 from .storage import FeatureStorage
+
+
+# A run of at most this many steps that ends the denoising (its schedule
+# ends at sigma 0) computes its last evaluation: at 4 to 10 steps each step
+# is a large jump, and the last one lays down the finest detail, which a
+# forecast from the coarser steps before it cannot know. Longer runs end in
+# small steps that forecast well (the benchmark tables at 50 steps). A first
+# stage that hands on a noisy latent is not the end of the image.
+SHORT_RUN_STEPS = 10
 
 
 @dataclass
@@ -39,6 +48,15 @@ class Evaluation:
     reason: str = ""
     # Blocks (or model calls) whose prediction reached the model.
     predicted_modules: int = 0
+    # Blocks (or model calls) computed in it: in a predicted evaluation, those
+    # with nothing to predict from (a conditioning new to the run).
+    computed_modules: int = 0
+
+    @property
+    def counts_as_computed(self) -> bool:
+        """Computed as the summary counts it: decided so, or predicted with
+        blocks computed all the same, which cost what a computation costs."""
+        return self.computed or self.computed_modules > 0
 
 
 @dataclass
@@ -68,6 +86,9 @@ class RFCRun:
         self.config = config
         self.first_module = first_module
         self.skip_window = skip_window
+        steps = [float(s) for s in schedule][:-1] if schedule is not None else []
+        self.last_step_sigma = (steps[-1] if 0 < len(steps) <= SHORT_RUN_STEPS and float(schedule[-1]) == 0.0
+                                else None)
         self.storage = storage or FeatureStorage()
         self.reduce = reduce
         self.norm = per_sample_norm if reduce is None else self._global_norm
@@ -153,8 +174,14 @@ class RFCRun:
             if predicted:
                 self.modules_predicted += 1
                 self.current.predicted_modules += 1
-            else:
-                self.modules_computed += 1
+                return
+            self.modules_computed += 1
+            evaluation = self.current
+            if evaluation is None:
+                return
+            if not evaluation.computed and evaluation.computed_modules == 0:
+                evaluation.reason += "; blocks with nothing to predict from were computed"
+            evaluation.computed_modules += 1
 
     def switch_off(self, reason: str) -> None:
         """Compute everything from here on; the evaluation in progress keeps
@@ -169,18 +196,22 @@ class RFCRun:
         self.finish()
         self.first_module = first_module
 
-    def _in_window(self, sigma: float) -> bool:
-        if self.skip_window is None:
-            return True
-        highest, lowest = self.skip_window
-        return lowest < sigma <= highest
+    def _must_compute_at(self, sigma: float) -> str | None:
+        """Why an evaluation at this sigma is computed whatever the scheduler says."""
+        if self.last_step_sigma is not None and sigma <= self.last_step_sigma * (1.0 + STEP_RTOL):
+            return "last step of a short run"
+        if self.skip_window is not None:
+            highest, lowest = self.skip_window
+            if not lowest < sigma <= highest:
+                return "outside start/end"
+        return None
 
     def fewest_full(self, sigmas: list[float], cached_in_row: int) -> int:
         """Full computations that max_skip and the window force over
         evaluations at `sigmas`, however the rest is decided."""
         forced = 0
         for sigma in sigmas:
-            if not self._in_window(sigma) or cached_in_row >= self.config.max_skip:
+            if self._must_compute_at(sigma) is not None or cached_in_row >= self.config.max_skip:
                 forced += 1
                 cached_in_row = 0
             else:
@@ -259,8 +290,8 @@ class RFCRun:
             evaluation.forecast_error, sigma = self._forecast_error_and_sigma(chunk, module_input)
             if self._timestep is not None:
                 self._resolve(sigma)
-        if not self._in_window(self.sigma):
-            evaluation.reason = "outside start/end"
+        evaluation.reason = self._must_compute_at(self.sigma)
+        if evaluation.reason is not None:
             evaluation.forecast_error = None
             return False
         full, evaluation.reason = self.scheduler.wants_full(evaluation.forecast_error, self.full_count,
@@ -355,6 +386,14 @@ class RFCRun:
             if self.reduce is not None and hasattr(estimator, "trust_sample"):
                 estimator.trust_sample = None
         return estimator
+
+    def keep_leading(self, chunk_key: Hashable, module_key: Hashable, features: Sequence[int]) -> None:
+        """A module's streams lost tokens at their end (a patch dropped them
+        mid-run): keep the first `features` per stream of what it cached."""
+        chunk = self.chunks.get(chunk_key)
+        estimator = None if chunk is None else chunk.modules.get(module_key)
+        if estimator is not None:
+            estimator.keep_leading(features)
 
     def records(self) -> bool:
         return self.current is not None and self.off_reason is None
@@ -462,7 +501,7 @@ class RFCRun:
 
     @property
     def computed_evaluations(self) -> int:
-        return sum(1 for e in self.evaluations if e.computed)
+        return sum(1 for e in self.evaluations if e.counts_as_computed)
 
     @property
     def speedup(self) -> float:
@@ -470,8 +509,24 @@ class RFCRun:
         computed = self.computed_evaluations
         return len(self.evaluations) / computed if computed else 1.0
 
+    def rounded_target(self) -> str:
+        """How a speedup target came out at this run's length, where a whole
+        number of full computations cannot meet it (4 steps at 1.5x: 3
+        computed, 1.33x); empty where it can, or without a target."""
+        if self.plan is None or not self.plan.step_sigmas:
+            return ""
+        steps = len(self.plan.step_sigmas)
+        budget = max(self.config.warmup, round(steps / self.config.target_speedup))
+        reachable = steps / budget
+        if abs(reachable - self.config.target_speedup) <= 0.05 * self.config.target_speedup:
+            return ""
+        return f"{budget} of {steps} steps computed is {reachable:.2f}x, the nearest a whole number of steps gives"
+
     def summary(self) -> str:
-        target = f", target {self.config.target_speedup:g}x" if self.config.target_speedup else ""
+        target = ""
+        if self.config.target_speedup:
+            rounded = self.rounded_target()
+            target = f", target {self.config.target_speedup:g}x" + (f": {rounded}" if rounded else "")
         return (f"computed {self.computed_evaluations} of {len(self.evaluations)} model evaluations "
                 f"({self.speedup:.1f}x fewer{target}); block calls computed {self.modules_computed}, "
                 f"predicted {self.modules_predicted}; cache peak {format_bytes(self.peak_bytes)} "

@@ -110,13 +110,19 @@ def reads_weights_directly(layer, like: torch.Tensor) -> bool:
             and not getattr(layer, "weight_function", None) and not getattr(layer, "bias_function", None))
 
 
-def chunk_identity(transformer_options: dict, first_stream: torch.Tensor) -> Hashable:
+def chunk_identity(transformer_options: dict, first_stream: torch.Tensor, dropped_tokens: int = 0) -> Hashable:
     """Which conditionings a chunk carries and its shape. The uuids tell apart
     same-size area prompts run as separate chunks and a prompt that takes
     over from another mid-run; cond_or_uncond is kept because ComfyUI copies
-    a positive area cond, uuid included, into the negative list."""
+    a positive area cond, uuid included, into the negative list.
+    dropped_tokens: tokens a patch removed from the end of a (batch, tokens,
+    ...) stream during the run (BlockAdapter.dropped_tail_tokens), counted as
+    if present, so the chunk keeps its cache."""
+    shape = tuple(first_stream.shape)
+    if dropped_tokens:
+        shape = (shape[0], shape[1] + dropped_tokens, *shape[2:])
     return (tuple(transformer_options.get("cond_or_uncond") or ()),
-            tuple(str(uuid) for uuid in transformer_options.get("uuids") or ()), tuple(first_stream.shape))
+            tuple(str(uuid) for uuid in transformer_options.get("uuids") or ()), shape)
 
 
 def reference_tokens(args: dict) -> int:
@@ -323,6 +329,14 @@ class BlockAdapter:
         stack = self.__dict__.get("_sampled_rows", {}).get(diffusion_model)
         if stack is not None and stack.is_current_for(conditioning):
             stack.prepare(conditioning)
+
+    def dropped_tail_tokens(self, kind: str, args: dict) -> int:
+        """Tokens a patch has removed from the end of this block's streams
+        since the run began, which the block's other arguments still count:
+        core's FluxKVCache drops the reference images' tokens once it holds
+        their K/V. The chunk stays the same and its cache is trimmed to the
+        tokens present (RFCRun.keep_leading). Default: none."""
+        return 0
 
     def end_run(self, diffusion_model) -> None:
         """A sampling run of this model ended: drop anything kept for it."""

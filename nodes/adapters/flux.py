@@ -14,11 +14,22 @@ passes it as `vec`, laid out as Chroma's: for double blocks
 one (shift, scale, gate). With reference images at timestep zero (Klein
 edit, `index_timestep_zero`) each modulation has two rows per sample: the
 reference tokens, the last tokens of the image stream, take the second.
+
+Reference-image tokens (Kontext, Klein edit) are left out of the module
+input: at the first block they are the same every step (a clean latent at
+timestep zero), so they would only dilute the forecast error RCS reads by
+their share of the tokens. Leaving them out also keeps the module input the
+same when core's FluxKVCache drops them from the image stream after the
+first step, keeping their K/V instead; `reference_image_num_tokens` still
+counts them then, and the rotary table `pe` still has their positions,
+which tells how many are gone (dropped_tail_tokens).
 """
 
 from __future__ import annotations
 
-from .base import BlockAdapter, BlockGroup, channel_stride, modulate_rows_by_gain, reference_tokens, sampled_tail, token_stride
+import torch
+
+from .base import BlockAdapter, BlockGroup, channel_stride, reference_tokens, token_stride
 
 # Where each FLUX.1 block keeps its own modulation, by block kind.
 OWN_MODULATION = {"double_block": "img_mod", "single_block": "modulation"}
@@ -43,17 +54,32 @@ class _FluxLikeAdapter(BlockAdapter):
     def sampled_module_input(self, diffusion_model, kind, index, args):
         return self._modulated_image(diffusion_model, kind, index, args, sampled=True)
 
+    def dropped_tail_tokens(self, kind, args) -> int:
+        references = reference_tokens(args)
+        positions = args.get("pe")
+        if not references or positions is None:
+            return 0
+        # pe: (batch, 1, positions, ...) for the text and every image token.
+        present = args["img"].shape[1] + (args["txt"].shape[1] if kind == "double_block" else 0)
+        return min(references, max(0, positions.shape[2] - present))
+
     def _modulated_image(self, diffusion_model, kind, index, args, sampled: bool):
         block = self.block(diffusion_model, kind, index)
         norm = block.img_norm1 if kind == "double_block" else block.pre_norm
         image = args["img"]
+        present_references = reference_tokens(args) - self.dropped_tail_tokens(kind, args)
+        if present_references:
+            image = image[:, :image.shape[1] - present_references]
         tokens, channels = image.shape[1], image.shape[2]
         tokens_step, channels_step = (token_stride(tokens), channel_stride(channels)) if sampled else (1, 1)
         shift, gain = self.image_shift_gain(diffusion_model, kind, index, block, args, channels_step)
         if gain.ndim == 2:
             gain, shift = gain[:, None], shift[:, None]
         normed = norm(image[:, ::tokens_step])[..., ::channels_step]
-        return modulate_rows_by_gain(normed, gain, shift, sampled_tail(tokens, reference_tokens(args), tokens_step))
+        if gain.shape[1] > 1:
+            # The tokens left all take the first modulation row, the sample's own timestep.
+            gain, shift = gain[:, :1], shift[:, :1]
+        return torch.addcmul(shift, normed, gain)
 
 
 def passed_in_modulation(kind, vec):

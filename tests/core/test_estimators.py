@@ -112,3 +112,17 @@ def test_rfe_never_lengthens_taylors_step():
     taylor.update(1.0, torch.zeros(1, 2), None)
     taylor.update(0.5, torch.ones(1, 2), None)
     torch.testing.assert_close(predicted, taylor.predict(0.25, None))
+
+
+def test_keep_leading_drops_the_tokens_a_patch_removed_and_their_memory():
+    from rfc_core.history import FeatureHistory
+
+    history = FeatureHistory(order=1)
+    history.push(1.0, [torch.arange(12.0).view(1, 12), torch.ones(1, 3)])
+    history.push(0.5, [torch.arange(12.0).view(1, 12) * 2, torch.ones(1, 3)])
+    before = history.nbytes()
+    history.keep_leading([8, 3])
+    assert [v.shape[2] for v in history.values] == [8, 3]
+    assert history.nbytes() == before - 4 * 2 * 4
+    assert history.values[0].untyped_storage().nbytes() == 8 * 2 * 4  # a copy, not a view of the old storage
+    assert torch.equal(history.forecast(0.5)[0], torch.arange(8.0).view(1, 8) * 2)

@@ -164,3 +164,54 @@ def test_module_inputs_are_only_requested_where_they_are_read():
     assert taylor_rcs.needs_module_input(FIRST) and not taylor_rcs.needs_module_input(("block", 1))
     fora = RFCRun(CacheConfig(estimator="reuse", scheduler="fixed"), first_module=FIRST)
     assert not fora.needs_module_input(FIRST)
+
+
+def _forced_run(schedule):
+    run = RFCRun(CacheConfig(threshold=10.0, max_skip=3, order=1), first_module=FIRST, schedule=schedule)
+    sigmas = schedule[:-1]
+    computed, _ = drive(run, sigmas, [torch.full((1, 4), 1 + s) for s in sigmas])
+    return run, computed
+
+
+def test_a_short_run_that_ends_the_image_computes_its_last_step():
+    # 8 steps to sigma 0: forced caching would predict the last three.
+    schedule = [1 - i / 8 for i in range(9)]
+    run, computed = _forced_run(schedule)
+    assert computed == [True, False, False, False, True, False, False, True]
+    assert run.evaluations[-1].reason == "last step of a short run"
+
+
+@pytest.mark.parametrize("schedule", [
+    [1 - i / 12 for i in range(13)],  # 12 steps: long enough to forecast its end
+    [1 - i / 16 for i in range(9)],  # a first stage that hands on a noisy latent
+])
+def test_long_runs_and_first_stages_may_predict_their_last_step(schedule):
+    _, computed = _forced_run(schedule)
+    assert computed[-1] is False
+
+
+def test_the_target_that_a_whole_number_of_steps_cannot_meet_is_said():
+    schedule = [1 - i / 4 for i in range(5)]
+    run = RFCRun(CacheConfig(target_speedup=1.5, max_skip=3), first_module=FIRST, schedule=schedule)
+    assert run.rounded_target() == "3 of 4 steps computed is 1.33x, the nearest a whole number of steps gives"
+    assert "target 1.5x: 3 of 4 steps computed is 1.33x" in run.summary()
+    even = RFCRun(CacheConfig(target_speedup=2.0, max_skip=3), first_module=FIRST, schedule=schedule)
+    assert even.rounded_target() == ""
+
+
+def test_a_predicted_evaluation_that_computed_blocks_counts_as_computed():
+    """A conditioning new to the run has nothing to predict from: its
+    blocks are computed though the evaluation was decided predicted."""
+    run = RFCRun(CacheConfig(threshold=10.0, max_skip=3, order=1), first_module=FIRST)
+    for number, sigma in enumerate((1.0, 0.9)):
+        run.start_evaluation(sigma)
+        for chunk in ("cond",) if number == 0 else ("cond", "new cond"):
+            value = torch.full((1, 4), 1 + sigma)
+            if run.predict(chunk, FIRST, value) is None:
+                run.record(chunk, FIRST, value, value * 2)
+    second = run.evaluations[1]
+    assert second.computed is False and second.predicted_modules == 1 and second.computed_modules == 1
+    assert second.counts_as_computed
+    assert run.computed_evaluations == 2
+    assert "blocks with nothing to predict from were computed" in second.reason
+    assert run.summary().startswith("computed 2 of 2 model evaluations")

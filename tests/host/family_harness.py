@@ -60,6 +60,8 @@ class FamilySpec:
         second evaluation (RCS warms up on one, so the second is decided by
         the forecast error), as on a schedule whose first step moves the
         module input more than tenfold.
+    reference_tokens: the reference images' tokens at the end of the image
+        stream, which the module input leaves out (Flux edit models).
     """
 
     name: str
@@ -77,6 +79,7 @@ class FamilySpec:
     overrides: dict = field(default_factory=dict)
     unsupported: Callable | None = None
     second_evaluation_computed: bool = False
+    reference_tokens: int = 0
 
 
 def pack_module(nodes, name: str):
@@ -221,7 +224,10 @@ class FamilyContract:
                 probes = {None: probes}
             for stream, probe in probes.items():
                 def capture(module, inputs, key=(kind, index) if stream is None else (kind, index, stream)):
-                    from_block.setdefault(key, inputs[0].clone())
+                    fed = inputs[0]
+                    if self.spec.reference_tokens:
+                        fed = fed[:, :fed.shape[1] - self.spec.reference_tokens]
+                    from_block.setdefault(key, fed.clone())
 
                 handles.append(probe.register_forward_pre_hook(capture))
         try:

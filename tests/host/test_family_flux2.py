@@ -2,7 +2,7 @@
 modulation. The blocks own no modulation; the model computes it once and
 passes it in `vec`. Klein edit appends reference-image tokens to the image
 stream and, with `index_timestep_zero`, modulates them with the embedding at
-t = 0: a second modulation row that the module input must follow."""
+t = 0, a second modulation row. The module input leaves those tokens out."""
 
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ KLEIN = FamilySpec(name="flux", config_class="Flux2", unet_config=FLUX2_KLEIN, l
                    conditioning=text, probe=flux_block_probe)
 DEV = dataclasses.replace(KLEIN, unet_config=FLUX2_DEV,
                           conditioning=lambda batch, seed: text(batch, seed, guidance=4.0))
-KLEIN_EDIT = dataclasses.replace(KLEIN, conditioning=edit)
+# One reference latent of LATENT_SHAPE at patch size 1: 8 x 8 tokens.
+KLEIN_EDIT = dataclasses.replace(KLEIN, conditioning=edit, reference_tokens=LATENT_SHAPE[1] * LATENT_SHAPE[2])
 
 
 class TestFlux2Klein(FamilyContract):

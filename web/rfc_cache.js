@@ -2,7 +2,8 @@
 // a strip with one cell per model evaluation (dark: computed, light:
 // predicted), the accumulated forecast error as a line (the sigma where the
 // run made no decisions), and a summary line. The server sends
-// "rfc-cache.summary" with the node's id when the run ends.
+// "rfc-cache.summary" with the node's id when the run ends: its execution
+// id, which for a node inside subgraphs is a path (see nodeByExecutionId).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
@@ -102,11 +103,25 @@ function showRun(node, run) {
   node.setDirtyCanvas(true, true);
 }
 
+// A node inside subgraphs runs under a path of ids, "6:3": each subgraph
+// instance from the root graph down, then the node's own id in the subgraph
+// it sits in. A node of the root graph has its plain id.
+function nodeByExecutionId(executionId) {
+  let graph = app.rootGraph ?? app.graph;
+  const ids = String(executionId).split(":");
+  for (const [depth, id] of ids.entries()) {
+    const node = graph?.getNodeById(Number(id)) ?? graph?.getNodeById(id);
+    if (depth === ids.length - 1) return node ?? null;
+    graph = node?.subgraph;
+  }
+  return null;
+}
+
 app.registerExtension({
   name: "ComfyUI-RFC.lastRun",
   setup() {
     api.addEventListener("rfc-cache.summary", ({ detail }) => {
-      const node = app.graph?.getNodeById(Number(detail?.node)) ?? app.graph?.getNodeById(detail?.node);
+      const node = detail?.node == null ? null : nodeByExecutionId(detail.node);
       if (node && NODE_TYPES.has(node.comfyClass ?? node.type)) {
         showRun(node, detail);
       }

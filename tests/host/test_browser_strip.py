@@ -80,30 +80,74 @@ def server(tmp_path_factory):
         process.wait(timeout=30)
 
 
-def _workflow() -> dict:
-    def node(id_, type_, pos, widgets, inputs=(), outputs=()):
-        return {"id": id_, "type": type_, "pos": pos, "size": [300, 120], "flags": {}, "order": id_ - 1, "mode": 0,
-                "inputs": [{"name": n, "type": t, "link": link} for n, t, link in inputs],
-                "outputs": [{"name": n, "type": t, "links": links, "slot_index": i}
-                            for i, (n, t, links) in enumerate(outputs)],
-                "properties": {"Node name for S&R": type_}, "widgets_values": widgets}
+def _node(id_, type_, pos, widgets, inputs=(), outputs=()):
+    return {"id": id_, "type": type_, "pos": pos, "size": [300, 120], "flags": {}, "order": id_ - 1, "mode": 0,
+            "inputs": [{"name": n, "type": t, "link": link} for n, t, link in inputs],
+            "outputs": [{"name": n, "type": t, "links": links, "slot_index": i}
+                        for i, (n, t, links) in enumerate(outputs)],
+            "properties": {"Node name for S&R": type_}, "widgets_values": widgets}
 
+
+def _graph(nodes: list, links: list) -> dict:
+    return {"last_node_id": max(n["id"] for n in nodes), "last_link_id": max(link[0] for link in links),
+            "nodes": nodes, "links": links, "groups": [], "config": {}, "extra": {}, "version": 0.4}
+
+
+RFC_WIDGETS = [0.1, 3, 1, 0.0, 1.0, TARGET]
+
+
+def _workflow() -> dict:
+    """Loader -> RFC Cache -> KSampler, all in the root graph."""
     nodes = [
-        node(1, "RFCTestTinyFluxLoader", [20, 40], [], outputs=[("MODEL", "MODEL", [1])]),
-        node(2, "RFCTestTinyFluxPrompt", [20, 260], [3], outputs=[("positive", "CONDITIONING", [3]),
-                                                                   ("negative", "CONDITIONING", [4]),
-                                                                   ("latent", "LATENT", [5])]),
-        node(3, "RFCCache", [360, 40], [0.1, 3, 1, 0.0, 1.0, TARGET], inputs=[("model", "MODEL", 1)],
-             outputs=[("MODEL", "MODEL", [2])]),
-        node(4, "KSampler", [720, 40], [0, "fixed", STEPS, 3.0, "euler", "simple", 1.0],
-             inputs=[("model", "MODEL", 2), ("positive", "CONDITIONING", 3), ("negative", "CONDITIONING", 4),
-                     ("latent_image", "LATENT", 5)], outputs=[("LATENT", "LATENT", [6])]),
-        node(5, "SaveLatent", [1060, 40], ["latents/rfc_browser_test"], inputs=[("samples", "LATENT", 6)]),
+        _node(1, "RFCTestTinyFluxLoader", [20, 40], [], outputs=[("MODEL", "MODEL", [1])]),
+        _node(2, "RFCTestTinyFluxPrompt", [20, 260], [3], outputs=[("positive", "CONDITIONING", [3]),
+                                                                    ("negative", "CONDITIONING", [4]),
+                                                                    ("latent", "LATENT", [5])]),
+        _node(3, "RFCCache", [360, 40], RFC_WIDGETS, inputs=[("model", "MODEL", 1)],
+              outputs=[("MODEL", "MODEL", [2])]),
+        _node(4, "KSampler", [720, 40], [0, "fixed", STEPS, 3.0, "euler", "simple", 1.0],
+              inputs=[("model", "MODEL", 2), ("positive", "CONDITIONING", 3), ("negative", "CONDITIONING", 4),
+                      ("latent_image", "LATENT", 5)], outputs=[("LATENT", "LATENT", [6])]),
+        _node(5, "SaveLatent", [1060, 40], ["latents/rfc_browser_test"], inputs=[("samples", "LATENT", 6)]),
     ]
     links = [[1, 1, 0, 3, 0, "MODEL"], [2, 3, 0, 4, 0, "MODEL"], [3, 2, 0, 4, 1, "CONDITIONING"],
              [4, 2, 1, 4, 2, "CONDITIONING"], [5, 2, 2, 4, 3, "LATENT"], [6, 4, 0, 5, 0, "LATENT"]]
-    return {"last_node_id": 5, "last_link_id": 6, "nodes": nodes, "links": links, "groups": [], "config": {},
-            "extra": {}, "version": 0.4}
+    return _graph(nodes, links)
+
+
+# The nodes that become the subgraph in the template layout.
+SAMPLING_NODES = [3, 4, 5, 6, 7, 8]
+
+
+def _guider_workflow() -> dict:
+    """The official templates' layout: the sampler behind a guider, with RFC
+    Cache right before the guider; SAMPLING_NODES are then turned into a
+    subgraph, as the templates ship them."""
+    nodes = [
+        _node(1, "RFCTestTinyFluxLoader", [20, 40], [], outputs=[("MODEL", "MODEL", [1])]),
+        _node(2, "RFCTestTinyFluxPrompt", [20, 260], [3], outputs=[("positive", "CONDITIONING", [3]),
+                                                                    ("negative", "CONDITIONING", [4]),
+                                                                    ("latent", "LATENT", [5])]),
+        _node(3, "RFCCache", [360, 40], RFC_WIDGETS, inputs=[("model", "MODEL", 1)],
+              outputs=[("MODEL", "MODEL", [2, 7])]),
+        _node(4, "CFGGuider", [720, 40], [3.0],
+              inputs=[("model", "MODEL", 2), ("positive", "CONDITIONING", 3), ("negative", "CONDITIONING", 4)],
+              outputs=[("GUIDER", "GUIDER", [8])]),
+        _node(5, "KSamplerSelect", [720, 220], ["euler"], outputs=[("SAMPLER", "SAMPLER", [9])]),
+        _node(6, "BasicScheduler", [720, 340], ["simple", STEPS, 1.0], inputs=[("model", "MODEL", 7)],
+              outputs=[("SIGMAS", "SIGMAS", [10])]),
+        _node(7, "RandomNoise", [720, 500], [0, "fixed"], outputs=[("NOISE", "NOISE", [11])]),
+        _node(8, "SamplerCustomAdvanced", [1060, 40], [],
+              inputs=[("noise", "NOISE", 11), ("guider", "GUIDER", 8), ("sampler", "SAMPLER", 9),
+                      ("sigmas", "SIGMAS", 10), ("latent_image", "LATENT", 5)],
+              outputs=[("output", "LATENT", [6]), ("denoised_output", "LATENT", [])]),
+        _node(9, "SaveLatent", [1400, 40], ["latents/rfc_browser_test"], inputs=[("samples", "LATENT", 6)]),
+    ]
+    links = [[1, 1, 0, 3, 0, "MODEL"], [2, 3, 0, 4, 0, "MODEL"], [3, 2, 0, 4, 1, "CONDITIONING"],
+             [4, 2, 1, 4, 2, "CONDITIONING"], [5, 2, 2, 8, 4, "LATENT"], [6, 8, 0, 9, 0, "LATENT"],
+             [7, 3, 0, 6, 0, "MODEL"], [8, 4, 0, 8, 1, "GUIDER"], [9, 5, 0, 8, 2, "SAMPLER"],
+             [10, 6, 0, 8, 3, "SIGMAS"], [11, 7, 0, 8, 0, "NOISE"]]
+    return _graph(nodes, links)
 
 
 def test_the_server_describes_the_node_with_tooltips_and_search_aliases(server):
@@ -121,41 +165,105 @@ def test_the_server_describes_the_node_with_tooltips_and_search_aliases(server):
         assert "teacache" in info["search_aliases"]
 
 
+class _Page:
+    """ComfyUI's front-end in headless Chromium, with the node definitions loaded."""
+
+    def __init__(self, playwright, url):
+        self.browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True)
+        self.page = self.browser.new_page(viewport={"width": 1400, "height": 700})
+        self.page.goto(url)
+        # The graph exists before the node definitions arrive; a workflow
+        # loaded earlier has only unknown nodes and queues nothing.
+        self.page.wait_for_function("() => window.app?.graph && ['RFCCache', 'SaveLatent', 'RFCTestTinyFluxLoader']"
+                                    ".every((type) => window.LiteGraph?.registered_node_types?.[type])",
+                                    timeout=120_000)
+
+    def load(self, workflow: dict) -> None:
+        self.page.evaluate("async (workflow) => { await window.app.loadGraphData(workflow); }", workflow)
+        self.page.keyboard.press("Escape")
+
+    def queue(self) -> None:
+        self.page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
+
+    def strip(self) -> dict:
+        """What the strip on screen shows."""
+        page = self.page
+        page.wait_for_selector("svg.rfc-strip rect", timeout=300_000)
+        return {"cells": page.locator("svg.rfc-strip rect").count(),
+                "computed": page.locator("svg.rfc-strip rect.rfc-computed").count(),
+                "summary": page.locator(".rfc-summary").inner_text(),
+                "line_points": page.locator("svg.rfc-strip polyline.rfc-line").get_attribute("points")}
+
+    def screenshot(self, path: Path, scale: float = 1.25, offset: tuple[int, int] = (10, 10)) -> None:
+        self.page.evaluate("([scale, offset]) => { const c = window.app.canvas; c.ds.scale = scale;"
+                           " c.ds.offset = offset; c.setDirty(true, true); }", [scale, list(offset)])
+        self.page.wait_for_timeout(500)
+        self.page.screenshot(path=str(path))
+
+
+def _check_strip(shown: dict, log_path: Path) -> None:
+    assert shown["cells"] == STEPS
+    assert shown["computed"] == round(STEPS / TARGET)
+    computed = shown["computed"]
+    assert shown["summary"].startswith(f"{computed} of {STEPS} computed, {STEPS / computed:.1f}x fewer "
+                                       f"(target {TARGET}x), cache ")
+    assert len(shown["line_points"].split()) == STEPS
+    # The server's own account of the run says the same.
+    server_log = log_path.read_text()
+    assert f"computed {computed} of {STEPS} model evaluations" in server_log, server_log[-3000:]
+
+
 def test_the_rfc_node_shows_the_run_it_drove(server, tmp_path):
     from playwright.sync_api import sync_playwright
 
     url, log_path = server
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS,
-                                             headless=True)
+        view = _Page(playwright, url)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 700})
-            page.goto(url)
-            # The graph exists before the node definitions arrive; a workflow
-            # loaded earlier has only unknown nodes and queues nothing.
-            page.wait_for_function("() => window.app?.graph && ['RFCCache', 'SaveLatent', 'RFCTestTinyFluxLoader']"
-                                   ".every((type) => window.LiteGraph?.registered_node_types?.[type])",
-                                   timeout=120_000)
-            page.evaluate("async (workflow) => { await window.app.loadGraphData(workflow); }", _workflow())
-            page.keyboard.press("Escape")
-            page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
-            page.wait_for_selector("svg.rfc-strip rect", timeout=300_000)
-            cells = page.locator("svg.rfc-strip rect").count()
-            computed = page.locator("svg.rfc-strip rect.rfc-computed").count()
-            summary = page.locator(".rfc-summary").inner_text()
-            line_points = page.locator("svg.rfc-strip polyline.rfc-line").get_attribute("points")
-            screenshot = Path(os.environ.get("RFC_SCREENSHOT", tmp_path / "rfc_strip.png"))
-            page.evaluate("() => { const c = window.app.canvas; c.ds.scale = 1.25; c.ds.offset = [10, 10]; "
-                          "c.setDirty(true, true); }")
-            page.wait_for_timeout(500)
-            page.screenshot(path=str(screenshot))
+            view.load(_workflow())
+            view.queue()
+            shown = view.strip()
+            view.screenshot(Path(os.environ.get("RFC_SCREENSHOT", tmp_path / "rfc_strip.png")))
         finally:
-            browser.close()
-    server_log = log_path.read_text()
-    assert cells == STEPS
-    assert computed == round(STEPS / TARGET)
-    assert summary.startswith(f"{computed} of {STEPS} computed, {STEPS / computed:.1f}x fewer (target {TARGET}x), "
-                              f"cache ")
-    assert len(line_points.split()) == STEPS
-    # The server's own account of the run says the same.
-    assert f"computed {computed} of {STEPS} model evaluations" in server_log, server_log[-3000:]
+            view.browser.close()
+    _check_strip(shown, log_path)
+
+
+def test_the_rfc_node_inside_a_subgraph_shows_its_run(server, tmp_path):
+    """The templates' layout: RFC Cache right before the guider, inside the
+    subgraph that holds the sampler. The server names the node by its path
+    ("10:3"); the strip must find it there and draw when the subgraph is
+    opened."""
+    from playwright.sync_api import sync_playwright
+
+    url, log_path = server
+    with sync_playwright() as playwright:
+        view = _Page(playwright, url)
+        try:
+            view.load(_guider_workflow())
+            instance = view.page.evaluate(
+                "(ids) => { const graph = window.app.graph;"
+                " const converted = graph.convertToSubgraph(new Set(ids.map((id) => graph.getNodeById(id))));"
+                " return converted.node.id; }", SAMPLING_NODES)
+            in_root = view.page.evaluate("() => window.app.graph.nodes.map((node) => node.type)")
+            assert "RFCCache" not in in_root and "SamplerCustomAdvanced" not in in_root, in_root
+            view.page.evaluate("() => { window.rfcSent = []; window.comfyAPI.api.api.addEventListener("
+                               "'rfc-cache.summary', ({ detail }) => window.rfcSent.push(String(detail.node))); }")
+            view.queue()
+            # Drawn on the node inside the subgraph while the root graph is on screen ...
+            view.page.wait_for_function(
+                "(instance) => window.app.graph.getNodeById(instance).subgraph.nodes"
+                ".find((node) => node.type === 'RFCCache')?.widgets?.find((w) => w.name === 'rfc_last_run')",
+                arg=instance, timeout=300_000)
+            # ... and shown when the user opens the subgraph.
+            view.page.evaluate("(instance) => { const node = window.app.graph.getNodeById(instance);"
+                               " window.app.canvas.openSubgraph(node.subgraph, node); }", instance)
+            shown = view.strip()
+            view.screenshot(Path(os.environ.get("RFC_SUBGRAPH_SCREENSHOT", tmp_path / "rfc_subgraph_strip.png")),
+                            scale=0.9, offset=(-120, 120))
+            sent = view.page.evaluate("() => window.rfcSent")
+        finally:
+            view.browser.close()
+    _check_strip(shown, log_path)
+    # The server named the node by its path, subgraph instance first.
+    assert sent == [f"{instance}:{SAMPLING_NODES[0]}"] or (len(sent) == 1 and sent[0].startswith(f"{instance}:")), sent

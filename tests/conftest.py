@@ -1,6 +1,9 @@
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+TESTS = Path(__file__).resolve().parent
+REPO_ROOT = TESTS.parent
+# The repository (benchmarks, rfc_core) and the helpers both test tiers share.
+for path in (REPO_ROOT, TESTS):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))

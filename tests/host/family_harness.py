@@ -22,17 +22,32 @@ from typing import Callable
 import pytest
 import torch
 
+from rfc_core.run import SHORT_RUN_STEPS
 from tiny_models import build, counted
 
 FORCED = dict(threshold=10.0, max_skip=2, order=1, start_percent=0.0, end_percent=1.0)
 NEVER_SKIPS = dict(FORCED, start_percent=0.999)
 
 
-def forced_full_evaluations(steps: int, max_skip: int = FORCED["max_skip"]) -> int:
-    """Evaluations FORCED computes in a run of `steps` on a schedule without
-    repeats: RCS warms up on one, then at most max_skip are predicted in a
-    row and one is computed (threshold 10 is never reached on tiny models)."""
-    return 1 + (steps - 1) // (max_skip + 1)
+def forced_steps_plan(steps: int, max_skip: int = FORCED["max_skip"], ends_image: bool = True) -> list[bool]:
+    """Which evaluations FORCED computes in a run of `steps`, one evaluation
+    per step on a schedule without repeats: RCS warms up on one, then at most
+    max_skip are predicted in a row (threshold 10 is never reached on tiny
+    models), and a run of at most SHORT_RUN_STEPS steps that ends the image
+    (its schedule reaches sigma 0, unlike a first stage that hands on a noisy
+    latent) computes its last step."""
+    plan, in_row = [], 0
+    for step in range(steps):
+        last_of_short_run = ends_image and steps <= SHORT_RUN_STEPS and step == steps - 1
+        computed = step == 0 or in_row >= max_skip or last_of_short_run
+        plan.append(computed)
+        in_row = 0 if computed else in_row + 1
+    return plan
+
+
+def forced_full_evaluations(steps: int, max_skip: int = FORCED["max_skip"], ends_image: bool = True) -> int:
+    """How many evaluations forced_steps_plan computes."""
+    return sum(forced_steps_plan(steps, max_skip, ends_image))
 
 
 @dataclass

@@ -26,7 +26,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from family_harness import FORCED, FamilyContract, FamilySpec, rfc
+from family_harness import FORCED, FamilyContract, FamilySpec, forced_full_evaluations, rfc
 from tiny_models import build
 
 
@@ -223,7 +223,7 @@ class TestHiDreamO1(FamilyContract):
         finally:
             handle.remove()
         assert diffusion_model._kv_cache_entries
-        assert len(tokens) == 1 + (6 - 1) // 3
+        assert len(tokens) == forced_full_evaluations(6)
         assert tokens[0] > tokens[1] == tokens[-1]
 
 

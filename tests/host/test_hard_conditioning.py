@@ -160,7 +160,7 @@ def test_cfg_and_batch(models, nodes, family, cfg, batch):
     # cfg 1 runs the positive prompt alone, above 1 batched with the negative
     assert all(len(e.calls) == 1 for e in reference_log.evaluations)
     assert all(e.calls[0].shape[0] == (batch if cfg == 1.0 else 2 * batch) for e in reference_log.evaluations)
-    assert log.computed(reference_log) == forced_plan(reference_log.sigmas)
+    assert log.computed(reference_log) == forced_plan(reference_log.sigmas, schedule_sigmas(model))
 
 
 @pytest.mark.parametrize("family", sorted(SPECS))
@@ -171,7 +171,7 @@ def test_area_prompts_each_run_as_a_chunk_and_follow_the_decision(models, nodes,
     reference_log, log = check_exact_and_finite(spec, model, nodes, positive=two_areas(spec, model, 1))
     shapes = sorted(call.shape[2:] for call in reference_log.evaluations[0].calls)
     assert shapes == sorted([crop(spec, upper_half(spec)), crop(spec, right_part(spec)), spec.latent_shape[1:]])
-    plan = forced_plan(reference_log.sigmas)
+    plan = forced_plan(reference_log.sigmas, schedule_sigmas(model))
     assert call_flags(log) == [[computed] * 3 for computed in plan]
 
 
@@ -188,8 +188,8 @@ def test_a_prompt_that_appears_mid_run_computes_before_it_is_predicted(models, n
     assert [late_shape in shapes for shapes in chunk_shapes] == [i >= APPEARS_AT for i in range(STEPS)]
     assert [early_shape in shapes for shapes in chunk_shapes] == [i <= 2 for i in range(STEPS)]
 
-    plan = forced_plan(reference_log.sigmas)
-    assert plan == [True, False, False, True, False, False]
+    plan = forced_plan(reference_log.sigmas, schedule_sigmas(model))
+    assert plan == [True, False, False, True, False, True]  # a short run computes its last step
     for index, evaluation in enumerate(log.evaluations):
         for call in evaluation.calls:
             first_seen = call.shape[2:] == late_shape and index == APPEARS_AT
@@ -206,7 +206,7 @@ def test_a_prompt_that_appears_mid_run_and_runs_first_computes_the_evaluation(mo
                                                 positive=ranged(spec, model, 1, late_first=True))
     late_shape = crop(spec, right_part(spec))
     assert reference_log.evaluations[APPEARS_AT].calls[0].shape[2:] == late_shape
-    computed = [True, False, False, True, False, False]
+    computed = [True, False, False, True, False, True]  # a short run computes its last step
     assert call_flags(log) == [[flag] * len(e.calls) for flag, e in zip(computed, reference_log.evaluations)]
 
 

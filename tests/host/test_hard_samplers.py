@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from family_harness import FORCED, NEVER_SKIPS, FamilySpec, pack_module, rfc
+from rfc_core.run import SHORT_RUN_STEPS
 from shared_specs import FLUX_SPEC, SPECS
 from tiny_models import build
 
@@ -128,17 +129,22 @@ def run_logged(spec: FamilySpec, model, patcher, nodes, *, sampler="euler", sche
     return latent, log
 
 
-def forced_plan(sigmas: list[float], order: int = FORCED["order"], max_skip: int = FORCED["max_skip"]) -> list[bool]:
+def forced_plan(sigmas: list[float], schedule: list[float], order: int = FORCED["order"],
+                max_skip: int = FORCED["max_skip"]) -> list[bool]:
     """Which evaluations forced caching computes on a schedule whose sigmas
     never rise, by the pack's rules: the warm-up lasts until order + 1
     evaluations at different sigmas are computed (a repeated sigma adds no
     point to a forecast), at most `max_skip` evaluations in a row are
-    predicted, and sigma 0 lies outside the skip window (0, 1] of these flow
-    models. Threshold 10 is never reached on these tiny models."""
+    predicted, sigma 0 lies outside the skip window (0, 1] of these flow
+    models, and a schedule of at most SHORT_RUN_STEPS steps to sigma 0
+    computes its last step (every evaluation at its sigma or below).
+    Threshold 10 is never reached on these tiny models."""
     assert all(later <= earlier for earlier, later in zip(sigmas, sigmas[1:])), sigmas
+    short = len(schedule) - 1 <= SHORT_RUN_STEPS and schedule[-1] == 0.0
+    last_step = schedule[-2] if short else -1.0
     plan, points, in_row = [], set(), 0
     for sigma in sigmas:
-        skip = len(points) > 0 and in_row < max_skip and 0.0 < sigma <= 1.0
+        skip = len(points) > 0 and in_row < max_skip and 0.0 < sigma <= 1.0 and sigma > last_step * (1 + 1e-4)
         plan.append(not skip)
         if skip:
             in_row += 1
@@ -163,6 +169,11 @@ class Case:
         if self.sigmas is not None:
             return f"{self.sampler}-sigmas[{','.join(f'{s:g}' for s in self.sigmas)}]"
         return f"{self.sampler}-{self.scheduler}-{self.steps}"
+
+    def schedule(self, model) -> list[float]:
+        if self.sigmas is not None:
+            return list(self.sigmas)
+        return comfy_schedule(model, self.sampler, self.steps, self.scheduler)
 
     def run(self, spec, model, patcher, nodes):
         return run_logged(spec, model, patcher, nodes, sampler=self.sampler, scheduler=self.scheduler,
@@ -192,8 +203,9 @@ ANCESTRAL_TRAILING_ZEROS = Case("euler_ancestral", sigmas=(1.0, 0.8, 0.6, 0.0, 0
 RESTART_ORDER_2 = Case("euler", sigmas=(1.0, 0.8, 0.6, 0.4, 0.8, 0.3, 0.0),
                        widgets=(("order", 2), ("max_skip", 1)),
                        # max_skip 1 computes every other evaluation; the
-                       # forecasts left after the restart predict 0.3
-                       plan=(C, S, C, S, C, S))
+                       # forecasts left after the restart could predict 0.3,
+                       # the last step of this short run, which computes
+                       plan=(C, S, C, S, C, C))
 # TaylorSeer's fixed interval predicts right after the restart, from the
 # block forecasts themselves.
 RESTART_TAYLORSEER = Case("euler", sigmas=(1.0, 0.8, 0.6, 0.4, 0.8, 0.3, 0.2, 0.0),
@@ -261,7 +273,7 @@ def test_sampler_and_schedule(models, nodes, family, case):
     assert latent.shape == reference.shape
     assert torch.isfinite(latent).all()
     assert log.sigmas == reference_log.sigmas
-    plan = list(case.plan) if case.plan is not None else forced_plan(reference_log.sigmas)
+    plan = list(case.plan) if case.plan is not None else forced_plan(reference_log.sigmas, case.schedule(model))
     assert log.computed(reference_log) == plan, reference_log.sigmas
     if not all(plan):
         assert log.blocks < reference_log.blocks
@@ -279,10 +291,10 @@ def test_cache_that_never_skips_records_odd_schedules_bit_identically(models, no
     assert log.blocks == reference_log.blocks
 
 
-def comfy_schedule(model, sampler, steps) -> list[float]:
+def comfy_schedule(model, sampler, steps, scheduler="simple") -> list[float]:
     import comfy.samplers
 
-    return comfy.samplers.KSampler(model, steps, "cpu", sampler, "simple").sigmas.tolist()
+    return comfy.samplers.KSampler(model, steps, "cpu", sampler, scheduler).sigmas.tolist()
 
 
 @pytest.mark.parametrize("sampler", ["heun", "dpm_2"])
@@ -297,7 +309,7 @@ def test_two_evaluations_per_step_are_counted_exactly(models, nodes, sampler, st
     _, reference_log = run_logged(spec, model, model, nodes, sampler=sampler, steps=steps)
     _, log = run_logged(spec, model, rfc(nodes, model, **FORCED), nodes, sampler=sampler, steps=steps)
     evaluations = 2 * steps - 1
-    computed = 1 + (evaluations - 1) // (FORCED["max_skip"] + 1)
+    computed = sum(forced_plan(reference_log.sigmas, comfy_schedule(model, sampler, steps)))
     assert len(log.evaluations) == evaluations
     # cfg 3 batches cond and uncond into one forward per evaluation
     assert reference_log.blocks == evaluations * blocks

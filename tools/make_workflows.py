@@ -208,12 +208,21 @@ class Graph:
         self.outputs.append({"name": name, "type": port.type, "links": [link]})
 
     def lay_out(self, left: int = 0) -> None:
-        """Columns by the longest path from a source; stacked without overlap."""
+        """Columns by the longest path from a source, stacked without overlap."""
         depth = {node.id: 0 for node in self.nodes}
         for _ in self.nodes:
             for _, origin, _, target, _, _ in self.links:
                 if origin in depth and target in depth:
                     depth[target] = max(depth[target], depth[origin] + 1)
+        # A source (loader, number) goes in the column right before its first consumer.
+        targets: dict[int, list[int]] = {}
+        for _, origin, _, target, _, _ in self.links:
+            if origin in depth and target in depth:
+                targets.setdefault(origin, []).append(target)
+        fed = {target for _, _, _, target, _, _ in self.links}
+        for node in self.nodes:
+            if node.id not in fed and node.id in targets:
+                depth[node.id] = max(0, min(depth[target] for target in targets[node.id]) - 1)
         tops: dict[int, int] = {}
         for node in self.nodes:
             column = depth[node.id]

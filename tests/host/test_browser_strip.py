@@ -267,3 +267,45 @@ def test_the_rfc_node_inside_a_subgraph_shows_its_run(server, tmp_path):
     _check_strip(shown, log_path)
     # The server named the node by its path, subgraph instance first.
     assert sent == [f"{instance}:{SAMPLING_NODES[0]}"] or (len(sent) == 1 and sent[0].startswith(f"{instance}:")), sent
+
+
+def test_every_workflow_opens_in_the_front_end_with_rfc_cache_before_the_sampler(server):
+    """The shipped workflows as a user drags them in: the front-end loads each
+    (subgraphs and all) and turns it into the prompt it would queue, where
+    RFC Cache must feed the sampler or guider. Workflows with nodes this
+    ComfyUI lacks are left out, as the host workflow test says."""
+    import json
+
+    from playwright.sync_api import sync_playwright
+
+    from workflow_graphs import FRONT_END_ONLY, WORKFLOWS, graphs
+
+    url, _ = server
+    with urllib.request.urlopen(f"{url}/object_info", timeout=60) as reply:
+        known = set(json.loads(reply.read().decode()))
+    checked = {}
+    with sync_playwright() as playwright:
+        view = _Page(playwright, url)
+        try:
+            for path in WORKFLOWS:
+                found, definitions = graphs(path)
+                types = {node["type"] for graph in found for node in graph.nodes.values()}
+                if types - known - set(definitions) - set(FRONT_END_ONLY):
+                    continue
+                view.load(json.loads(path.read_text()))
+                checked[path.name] = view.page.evaluate(
+                    "async () => { const { output } = await window.app.graphToPrompt();"
+                    " return Object.fromEntries(Object.entries(output).map(([id, node]) =>"
+                    " [id, { type: node.class_type, model: node.inputs.model ?? null }])); }")
+        finally:
+            view.browser.close()
+    assert checked, "no workflow could be checked on this ComfyUI"
+    for name, prompt in checked.items():
+        rfc_ids = [node_id for node_id, node in prompt.items() if node["type"].startswith("RFCCache")]
+        assert rfc_ids, f"{name}: no RFC Cache in the prompt"
+        # Inside a subgraph the prompt names nodes by their path ("12:5").
+        assert all(":" in node_id for node_id in rfc_ids), f"{name}: RFC Cache is not inside a subgraph"
+        fed = {prompt[node_id]["type"] for node_id, node in prompt.items()
+               for rfc_id in rfc_ids if node["model"] == [rfc_id, 0]}
+        assert fed & {"KSampler", "KSamplerAdvanced", "CFGGuider", "BasicGuider"}, f"{name}: RFC Cache feeds {fed}"
+    print(f"{len(checked)} workflows opened: {', '.join(sorted(checked))}")

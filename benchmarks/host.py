@@ -135,6 +135,27 @@ def comfy_nextdit(config: dict, state_dict: dict):
     """A TinyNextDiT config and state dict in ComfyUI's own NextDiT (its
     Lumina 2 model config), loaded as a checkpoint; None when this ComfyUI's
     NextDiT cannot build that config (Z-Image's modulation before v0.3.7x)."""
+    model = comfy_lumina2_model(config, state_dict)
+    return None if model is None else model.diffusion_model
+
+
+def comfy_nextdit_from_bundled():
+    """The bundled NextDiT in ComfyUI's own Lumina 2 model, as a ModelPatcher."""
+    import comfy.model_management
+    import comfy.model_patcher
+    from safetensors.torch import load_file
+
+    from .tiny_nextdit import BUNDLED_NEXTDIT_WEIGHTS, load_bundled_nextdit
+
+    ours, _, _ = load_bundled_nextdit()
+    state = {k: v.float() for k, v in load_file(str(BUNDLED_NEXTDIT_WEIGHTS)).items() if k != LABEL_TOKENS_KEY}
+    device = comfy.model_management.get_torch_device()
+    return comfy.model_patcher.ModelPatcher(comfy_lumina2_model(ours.config, state), load_device=device,
+                                            offload_device=device)
+
+
+def comfy_lumina2_model(config: dict, state_dict: dict):
+    """comfy_nextdit's BaseModel (the diffusion model with its sampling)."""
     import inspect
 
     import comfy.ldm.lumina.model
@@ -162,7 +183,7 @@ def comfy_nextdit(config: dict, state_dict: dict):
         unet_config["ffn_dim_multiplier"] = config["ffn_dim_multiplier"] * wanted / built
         model = build()
     load_as_checkpoint(model, state_dict, unused=NEXTDIT_UNUSED)
-    return model.diffusion_model
+    return model
 
 
 def comfy_flux_from_bundled(path: Path = BUNDLED_WEIGHTS):

@@ -63,6 +63,10 @@ EASYCACHE_KEY = "easycache"
 # What core's MultiGPU node sets in the transformer options of each device's
 # model call, run in a worker thread of its own.
 MULTIGPU_THREAD_KEY = "multigpu_thread_device"
+# Samplers that add fresh noise to the latent at every step, by the name of
+# their function: the first block's input then moves by that noise, which no
+# forecast can know, and RCS's error stays far above a usual threshold.
+NOISE_ADDING_SAMPLERS = ("ancestral", "sde", "lcm", "ddpm", "seeds_", "sa_solver", "restart")
 # Transformer options a sampler sets when it keeps state of its own across
 # model calls, which a predicted call would corrupt: such runs are not cached.
 SAMPLER_STATE_KEYS = {
@@ -120,8 +124,11 @@ def comfyui_version() -> str:
 class SamplingSession:
     """One sampling run of one patched model."""
 
-    def __init__(self, settings: CacheSettings, diffusion_model, skip_window, schedule=None, rank_sum=None):
+    def __init__(self, settings: CacheSettings, diffusion_model, skip_window, schedule=None, rank_sum=None,
+                 sampler_name: str = ""):
         self.settings = settings
+        # The sampler's function name (sample_euler_ancestral), for the summary.
+        self.sampler_name = sampler_name
         self.adapter = settings.adapter
         self.diffusion_model = diffusion_model
         # "blocks" or "model"; a block fault moves the run to "model".
@@ -435,6 +442,9 @@ class SamplingSession:
         summary = f"RFC on {self.settings.family} ({self.settings.granularity}): {self.run.summary()}"
         if self.fault_notes:
             summary += f" ({'; '.join(self.fault_notes)})"
+        advice = self.advice()
+        if advice:
+            summary += f". {advice}"
         logger.info("%s", summary)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("RFC: each model evaluation of this run:\n%s", self.run.step_table())
@@ -446,8 +456,19 @@ class SamplingSession:
             logger.warning("RFC: a node applied after RFC Cache replaced the forward of %d block(s) without "
                            "calling RFC's (%s): they were computed every time%s. Apply that node before RFC Cache.",
                            len(self.unseen_blocks), ", ".join(self.unseen_blocks.values()), nothing_skipped)
-        _send_summary(self.settings.node_id, summary, self.run)
+        _send_summary(self.settings.node_id, summary, self.run, advice)
         return summary
+
+    def advice(self) -> str | None:
+        """What to do when the threshold let nothing be predicted."""
+        reason = self.run.why_nothing_was_predicted()
+        if reason is None:
+            return None
+        name = self.sampler_name.removeprefix("sample_")
+        cause = (f"; {name} adds fresh noise to the latent at every step, which no forecast of the first block's "
+                 f"input can know" if any(part in name for part in NOISE_ADDING_SAMPLERS) else "")
+        return (f"{reason[0].upper()}{reason[1:]}{cause}. Set target_speedup (2 computes half of the steps) to "
+                f"cache on a fixed budget, or raise the threshold")
 
 
 def _rows(stream: torch.Tensor, batch_dim: int) -> torch.Tensor:
@@ -487,11 +508,12 @@ def rebuild_leaves(like, leaves: list[torch.Tensor]):
     return build(like)
 
 
-def summary_message(node_id: str, summary: str, run: RFCRun) -> dict:
+def summary_message(node_id: str, summary: str, run: RFCRun, advice: str | None = None) -> dict:
     """What the front-end draws: one entry per model evaluation."""
     return {
         "node": node_id,
         "summary": summary,
+        "advice": advice,
         "computed": run.computed_evaluations,
         "total": len(run.evaluations),
         "target_speedup": run.config.target_speedup,
@@ -501,7 +523,7 @@ def summary_message(node_id: str, summary: str, run: RFCRun) -> dict:
     }
 
 
-def _send_summary(node_id: str | None, summary: str, run: RFCRun) -> None:
+def _send_summary(node_id: str | None, summary: str, run: RFCRun, advice: str | None = None) -> None:
     """Show the run on the node when a browser is listening; without a
     server (headless use, tests) there is nobody to tell."""
     server_module = sys.modules.get("server")
@@ -509,7 +531,7 @@ def _send_summary(node_id: str | None, summary: str, run: RFCRun) -> None:
     if node_id is None or prompt_server is None:
         return
     try:
-        prompt_server.send_sync(SUMMARY_EVENT, summary_message(node_id, summary, run))
+        prompt_server.send_sync(SUMMARY_EVENT, summary_message(node_id, summary, run, advice))
     except Exception:
         logger.debug("RFC: could not send the summary to the front-end", exc_info=True)
 
@@ -695,13 +717,13 @@ def _warn_unreachable_target(run: RFCRun) -> None:
         logger.info("RFC: target_speedup %g: %s", target, run.rounded_target())
 
 
-def _start_session(guider, settings: CacheSettings, sigmas) -> tuple[SamplingSession, dict]:
+def _start_session(guider, settings: CacheSettings, sigmas, sampler_name: str) -> tuple[SamplingSession, dict]:
     model_patcher = guider.model_patcher
     diffusion_model = model_patcher.model.diffusion_model
     schedule = None if sigmas is None else [float(s) for s in sigmas.flatten()]
     rank_sum = guider.model_options.get("transformer_options", {}).get(RANK_SUM_KEY)
     session = SamplingSession(settings, diffusion_model, _skip_window(model_patcher, settings.config), schedule,
-                              rank_sum)
+                              rank_sum, sampler_name)
     _warn_unreachable_target(session.run)
     run_options = _copy_nested(guider.model_options)
     run_options.setdefault("transformer_options", {})[SESSION_KEY] = session
@@ -724,8 +746,10 @@ def outer_sample_wrapper(executor, *args, **kwargs):
         return executor(*args, **kwargs)
     # outer_sample(noise, latent_image, sampler, sigmas, ...)
     sigmas = kwargs.get("sigmas", args[3] if len(args) > 3 else None)
+    sampler = kwargs.get("sampler", args[2] if len(args) > 2 else None)
+    sampler_name = getattr(getattr(sampler, "sampler_function", None), "__name__", "")
     try:
-        session, run_options = _start_session(guider, settings, sigmas)
+        session, run_options = _start_session(guider, settings, sigmas, sampler_name)
     except Exception:
         logger.exception("RFC: could not start caching; this run is computed in full")
         return executor(*args, **kwargs)

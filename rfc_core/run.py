@@ -532,6 +532,20 @@ class RFCRun:
                 f"predicted {self.modules_predicted}; cache peak {format_bytes(self.peak_bytes)} "
                 f"on {self.storage.describe()}")
 
+    def why_nothing_was_predicted(self) -> str | None:
+        """When the threshold left nothing to predict in a run that could
+        have (past the warm-up, inside the window, no fault): every forecast
+        error passed it. Said with the errors, so a user sees how far off
+        the threshold is; None otherwise."""
+        decided = [e for e in self.evaluations if e.reason == "threshold"]
+        if (self.plan is not None or self.off_reason is not None or len(decided) < 2
+                or any(not e.counts_as_computed for e in self.evaluations)):
+            return None
+        errors = sorted(e.forecast_error for e in decided)
+        median = errors[len(errors) // 2]
+        return (f"nothing was predicted: the forecast error passed the threshold {self.config.threshold:g} at "
+                f"every step (median {median:.2g})")
+
     def step_table(self) -> str:
         """One line per model evaluation, for the debug log."""
         lines = ["  #  sigma      computed  error      accumulated  threshold  why"]

@@ -96,7 +96,8 @@ function showRun(node, run) {
   }
   const view = runView(node);
   drawStrip(view.svg, run.evaluations ?? []);
-  view.text.textContent = summaryLine(run);
+  // When the threshold let nothing be predicted, say why and what to do instead.
+  view.text.textContent = run.advice ? `${summaryLine(run)}. ${run.advice}` : summaryLine(run);
   view.text.title = run.summary;
   view.root.dataset.computed = run.computed;
   view.root.dataset.total = run.total;

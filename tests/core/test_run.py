@@ -215,3 +215,18 @@ def test_a_predicted_evaluation_that_computed_blocks_counts_as_computed():
     assert run.computed_evaluations == 2
     assert "blocks with nothing to predict from were computed" in second.reason
     assert run.summary().startswith("computed 2 of 2 model evaluations")
+
+
+def test_a_run_the_threshold_let_predict_nothing_says_so_with_its_errors():
+    config = CacheConfig(threshold=0.1, max_skip=3, order=1)
+    generator = torch.Generator().manual_seed(0)
+    sigmas = [1 - i / 20 for i in range(20)]
+    noisy = RFCRun(config, first_module=FIRST)
+    # Fresh noise every step, as an ancestral sampler adds: nothing forecasts it.
+    computed, _ = drive(noisy, sigmas, [torch.randn((1, 64), generator=generator) for _ in sigmas])
+    assert all(computed)
+    reason = noisy.why_nothing_was_predicted()
+    assert reason.startswith("nothing was predicted: the forecast error passed the threshold 0.1 at every step (median ")
+    smooth = RFCRun(config, first_module=FIRST)
+    drive(smooth, sigmas, [torch.full((1, 64), 1 + s) for s in sigmas])
+    assert smooth.computed_evaluations < 20 and smooth.why_nothing_was_predicted() is None

@@ -319,3 +319,22 @@ def test_two_evaluations_per_step_are_counted_exactly(models, nodes, sampler, st
         off_schedule = [sigma for sigma in log.sigmas if not any(abs(sigma - s) < 1e-6 for s in schedule)]
         assert len(off_schedule) == steps - 1
 
+
+
+@pytest.mark.parametrize("sampler", ["euler_ancestral", "dpmpp_2m_sde", "lcm"])
+def test_a_noise_adding_sampler_that_predicts_nothing_says_why(models, nodes, sampler, caplog):
+    """These samplers add fresh noise to the latent every step, so at the
+    default threshold RCS computes every evaluation: the summary must say
+    so, why, and what to set instead."""
+    spec, model = FLUX_SPEC, models("flux")
+    caplog.set_level("INFO", logger="ComfyUI-RFC")
+    defaults = dict(threshold=0.1, max_skip=3, order=1, start_percent=0.0, end_percent=1.0)
+    _, log = run_logged(spec, model, rfc(nodes, model, **defaults), nodes, sampler=sampler, steps=20)
+    assert f"computed {len(log.evaluations)} of {len(log.evaluations)} model evaluations" in caplog.text
+    assert "Nothing was predicted: the forecast error passed the threshold 0.1 at every step" in caplog.text
+    assert f"{sampler} adds fresh noise to the latent at every step" in caplog.text
+    assert "Set target_speedup" in caplog.text
+    caplog.clear()
+    _, log = run_logged(spec, model, rfc(nodes, model, **defaults, target_speedup=2.0), nodes, sampler=sampler,
+                        steps=20)
+    assert "computed 10 of 20 model evaluations" in caplog.text and "Nothing was predicted" not in caplog.text

@@ -3,9 +3,10 @@ dpmpp_2m_sde, lcm) against deterministic euler, on both bundled models run
 through ComfyUI's own sampler and the pack's node. For each: the plain run,
 RFC at its defaults and RFC with target_speedup 2 and 3, with the model
 evaluations computed, the median forecast error RCS read, and PSNR against
-the plain run with the same sampler and seed.
+the plain run with the same sampler and seed; next to them the same sampler
+with a half and a third of the steps, what a user could do instead.
 
-    COMFYUI_PATH=/path/to/ComfyUI python -m benchmarks.noisy_samplers   # about 6 minutes on 2 CPU cores
+    COMFYUI_PATH=/path/to/ComfyUI python -m benchmarks.noisy_samplers   # about 15 minutes on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -86,13 +87,21 @@ def main(argv=None) -> None:
         latent_format = model.model.latent_format
         for sampler in args.sampler:
             for steps in args.steps:
-                def sample(patched):
+                def sample_steps(patched, count):
                     with torch.no_grad():
-                        latent = comfy.sample.sample(patched, noise, steps, 3.0, sampler, "simple", positive, negative,
+                        latent = comfy.sample.sample(patched, noise, count, 3.0, sampler, "simple", positive, negative,
                                                      torch.zeros_like(noise), seed=0, disable_pbar=True)
                     return latent_to_pixels(latent_format.process_in(latent))
 
+                def sample(patched):
+                    return sample_steps(patched, steps)
+
                 plain = sample(model)
+                # What a user could do instead: fewer steps of the same sampler.
+                for divisor in (2, 3):
+                    fewer = sample_steps(model, steps // divisor)
+                    print(f"| {name} | {sampler} | {steps} | plain, {steps // divisor} steps | "
+                          f"{steps // divisor} of {steps // divisor} | - | {psnr(fewer, plain):.2f} | - |", flush=True)
                 for label, widgets in SETTINGS:
                     finished.clear()
                     pixels = sample(nodes.NODE_CLASS_MAPPINGS["RFCCache"]().apply(model, **widgets)[0])

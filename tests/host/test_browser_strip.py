@@ -96,13 +96,18 @@ def _graph(nodes: list, links: list) -> dict:
 RFC_WIDGETS = [0.1, 3, 1, 0.0, 1.0, TARGET]
 
 
+def _bundled_model_and_prompt() -> list:
+    """Nodes 1 and 2 of both layouts: the model on link 1, the prompts and latent on links 3 to 5."""
+    return [_node(1, "RFCTestTinyFluxLoader", [20, 40], [], outputs=[("MODEL", "MODEL", [1])]),
+            _node(2, "RFCTestTinyFluxPrompt", [20, 260], [3], outputs=[("positive", "CONDITIONING", [3]),
+                                                                        ("negative", "CONDITIONING", [4]),
+                                                                        ("latent", "LATENT", [5])])]
+
+
 def _workflow() -> dict:
     """Loader -> RFC Cache -> KSampler, all in the root graph."""
     nodes = [
-        _node(1, "RFCTestTinyFluxLoader", [20, 40], [], outputs=[("MODEL", "MODEL", [1])]),
-        _node(2, "RFCTestTinyFluxPrompt", [20, 260], [3], outputs=[("positive", "CONDITIONING", [3]),
-                                                                    ("negative", "CONDITIONING", [4]),
-                                                                    ("latent", "LATENT", [5])]),
+        *_bundled_model_and_prompt(),
         _node(3, "RFCCache", [360, 40], RFC_WIDGETS, inputs=[("model", "MODEL", 1)],
               outputs=[("MODEL", "MODEL", [2])]),
         _node(4, "KSampler", [720, 40], [0, "fixed", STEPS, 3.0, "euler", "simple", 1.0],
@@ -124,10 +129,7 @@ def _guider_workflow() -> dict:
     Cache right before the guider; SAMPLING_NODES are then turned into a
     subgraph, as the templates ship them."""
     nodes = [
-        _node(1, "RFCTestTinyFluxLoader", [20, 40], [], outputs=[("MODEL", "MODEL", [1])]),
-        _node(2, "RFCTestTinyFluxPrompt", [20, 260], [3], outputs=[("positive", "CONDITIONING", [3]),
-                                                                    ("negative", "CONDITIONING", [4]),
-                                                                    ("latent", "LATENT", [5])]),
+        *_bundled_model_and_prompt(),
         _node(3, "RFCCache", [360, 40], RFC_WIDGETS, inputs=[("model", "MODEL", 1)],
               outputs=[("MODEL", "MODEL", [2, 7])]),
         _node(4, "CFGGuider", [720, 40], [3.0],

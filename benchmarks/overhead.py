@@ -169,7 +169,9 @@ def count_run(image_side: int, text_tokens: int, steps: int, blocks: tuple[int, 
     cache_config = rfc_core.CacheConfig(threshold=10.0, max_skip=2)
     settings = runtime.CacheSettings(cache_config, "flux", "blocks", adapter, ("double_block", 0), None)
     sigmas = torch.linspace(1, 0, steps + 1)
-    session = runtime.SamplingSession(settings, model, None, sigmas.tolist())
+    # No schedule: these few steps stand for part of a long run, so a short
+    # run's computed last step (rfc_core.run.SHORT_RUN_STEPS) does not apply.
+    session = runtime.SamplingSession(settings, model, None)
     counter = CostCounter()
     evaluation = [0]
 

@@ -29,6 +29,7 @@ Faults never cost the image:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import inspect
 import logging
@@ -42,7 +43,7 @@ import torch
 
 from ..rfc_core import CacheConfig, RFCRun
 from ..rfc_core.history import flat
-from ..rfc_core.run import format_bytes
+from ..rfc_core.run import SHORT_RUN_STEPS, format_bytes
 from ..rfc_core.storage import FeatureStorage, should_offload, storage_for
 from .adapters import REPLACE, BlockAdapter
 from .adapters.base import batch_first, chunk_identity, pack
@@ -60,6 +61,8 @@ RANK_SUM_KEY = "rfc_cache_rank_sum"
 MODEL_MODULE = "model"
 # Where core's EasyCache and LazyCache nodes keep their state.
 EASYCACHE_KEY = "easycache"
+# Where Kandinsky 6's in-model MagCache finds its state (ComfyUI after v0.31).
+K6_MAGCACHE_KEY = "k6_magcache"
 # What core's MultiGPU node sets in the transformer options of each device's
 # model call, run in a worker thread of its own.
 MULTIGPU_THREAD_KEY = "multigpu_thread_device"
@@ -67,6 +70,13 @@ MULTIGPU_THREAD_KEY = "multigpu_thread_device"
 # their function: the first block's input then moves by that noise, which no
 # forecast can know, and RCS's error stays far above a usual threshold.
 NOISE_ADDING_SAMPLERS = ("ancestral", "sde", "lcm", "ddpm", "seeds_", "sa_solver", "restart")
+# The median forecast error of a run under such samplers was 0.48 to 1.2 on
+# both bundled models at 20 to 50 steps (benchmarks.noisy_samplers), so a
+# threshold below this predicts nothing there. Such a run longer than a
+# short run is cached at NOISE_ADDING_TARGET instead, which beat sampling with
+# half the steps on every sampler, model and step count measured.
+NOISE_FLOOR = 0.5
+NOISE_ADDING_TARGET = 2.0
 # Transformer options a sampler sets when it keeps state of its own across
 # model calls, which a predicted call would corrupt: such runs are not cached.
 SAMPLER_STATE_KEYS = {
@@ -121,6 +131,25 @@ def comfyui_version() -> str:
         return "of unknown version"
 
 
+def adds_noise(sampler_name: str) -> bool:
+    return any(part in sampler_name for part in NOISE_ADDING_SAMPLERS)
+
+
+def config_for_sampler(config: CacheConfig, sampler_name: str, schedule) -> tuple[CacheConfig, str | None]:
+    """The settings a run uses with this sampler, and a note when they are
+    not the node's: a sampler that adds noise at every step, under a
+    threshold that would predict nothing there, runs at NOISE_ADDING_TARGET
+    (a short run keeps the threshold: there every step is a large jump)."""
+    steps = len(schedule) - 1 if schedule is not None else 0
+    if (config.target_speedup or config.scheduler != "rcs" or config.threshold >= NOISE_FLOOR
+            or not adds_noise(sampler_name) or steps <= SHORT_RUN_STEPS or config.max_skip < 1):
+        return config, None
+    note = (f"{sampler_name} adds fresh noise to the latent at every step, where threshold {config.threshold:g} "
+            f"would predict nothing (below {NOISE_FLOOR:g}), so this run used target_speedup "
+            f"{NOISE_ADDING_TARGET:g}; set target_speedup yourself to choose another")
+    return dataclasses.replace(config, target_speedup=NOISE_ADDING_TARGET), note
+
+
 class SamplingSession:
     """One sampling run of one patched model."""
 
@@ -128,12 +157,12 @@ class SamplingSession:
                  sampler_name: str = ""):
         self.settings = settings
         # The sampler's function name (sample_euler_ancestral), for the summary.
-        self.sampler_name = sampler_name
+        self.sampler_name = sampler_name.removeprefix("sample_")
         self.adapter = settings.adapter
         self.diffusion_model = diffusion_model
         # "blocks" or "model"; a block fault moves the run to "model".
         self.granularity = settings.granularity
-        config = settings.config
+        config, self.config_note = config_for_sampler(settings.config, self.sampler_name, schedule)
         self.run = RFCRun(config, settings.first_module, skip_window, schedule,
                           storage_for(config.cache_device, config.cache_dtype), rank_sum)
         # Streams each block actually returned (SD3's last block returns no
@@ -460,13 +489,13 @@ class SamplingSession:
         return summary
 
     def advice(self) -> str | None:
-        """What to do when the threshold let nothing be predicted."""
+        """What to do when the threshold let nothing be predicted, or why
+        the run did not use it."""
         reason = self.run.why_nothing_was_predicted()
         if reason is None:
-            return None
-        name = self.sampler_name.removeprefix("sample_")
-        cause = (f"; {name} adds fresh noise to the latent at every step, which no forecast of the first block's "
-                 f"input can know" if any(part in name for part in NOISE_ADDING_SAMPLERS) else "")
+            return self.config_note
+        cause = (f"; {self.sampler_name} adds fresh noise to the latent at every step, which no forecast of the "
+                 f"first block's input can know" if adds_noise(self.sampler_name) else "")
         return (f"{reason[0].upper()}{reason[1:]}{cause}. Set target_speedup (2 computes half of the steps) to "
                 f"cache on a fixed budget, or raise the threshold")
 
@@ -645,14 +674,19 @@ def forward_patch_key(adapter: BlockAdapter, diffusion_model, kind: str, index: 
 
 
 def refuse_other_cache(transformer_options: dict) -> None:
-    """Core's EasyCache or LazyCache on the same model skips whole model calls
-    on its own schedule while RFC skips blocks on its own: each would judge
-    its error from outputs the other already approximated, and the two
-    errors compound. Refused in either order, before anything is computed."""
+    """Core's EasyCache or LazyCache, or Kandinsky 6's own MagCache, on the
+    same model skips whole model calls (or every block of one) on its own
+    schedule while RFC skips blocks on its own: each would judge its error
+    from outputs the other already approximated, and the two errors
+    compound. Refused in either order, before anything is computed."""
     if EASYCACHE_KEY in transformer_options:
-        other = getattr(transformer_options[EASYCACHE_KEY], "name", "EasyCache")
-        raise ValueError(f"RFC Cache: this model also has core's {other} node. Two caches on one model skip on "
-                         f"their own schedules and compound their errors; remove one of them.")
+        other = f"core's {getattr(transformer_options[EASYCACHE_KEY], 'name', 'EasyCache')} node"
+    elif K6_MAGCACHE_KEY in transformer_options:
+        other = "Kandinsky 6's MagCache (transformer_options['k6_magcache'])"
+    else:
+        return
+    raise ValueError(f"RFC Cache: this model also has {other}. Two caches on one model skip on their own "
+                     f"schedules and compound their errors; remove one of them.")
 
 
 def _holds_cached_block(patch) -> bool:
@@ -724,6 +758,8 @@ def _start_session(guider, settings: CacheSettings, sigmas, sampler_name: str) -
     rank_sum = guider.model_options.get("transformer_options", {}).get(RANK_SUM_KEY)
     session = SamplingSession(settings, diffusion_model, _skip_window(model_patcher, settings.config), schedule,
                               rank_sum, sampler_name)
+    if session.config_note:
+        logger.info("RFC: %s", session.config_note)
     _warn_unreachable_target(session.run)
     run_options = _copy_nested(guider.model_options)
     run_options.setdefault("transformer_options", {})[SESSION_KEY] = session

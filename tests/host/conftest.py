@@ -8,6 +8,8 @@ ComfyUI's own model classes.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 import sys
 
@@ -37,6 +39,11 @@ def comfy():
     # against 8 to 14 s on two loaded cores).
     torch.set_num_threads(1)
     boot_comfyui(COMFYUI_PATH)
+    # A v0.31.0 tree with ../shared/comfy_overlay laid over it (the families
+    # of later ComfyUI): its model configs and nodes register on import.
+    if importlib.util.find_spec("comfy.overlay_models") is not None:
+        importlib.import_module("comfy.overlay_models")
+        importlib.import_module("comfy_extras.nodes_overlay_newer")
     return sys.modules["comfy"]
 
 

@@ -46,7 +46,7 @@ from ..rfc_core.history import flat
 from ..rfc_core.run import SHORT_RUN_STEPS, format_bytes
 from ..rfc_core.storage import FeatureStorage, should_offload, storage_for
 from .adapters import REPLACE, BlockAdapter
-from .adapters.base import batch_first, chunk_identity, pack
+from .adapters.base import ALTERED_PASS_KEYS, batch_first, chunk_identity, pack
 
 logger = logging.getLogger("ComfyUI-RFC")
 
@@ -199,14 +199,23 @@ class SamplingSession:
     def caches_model(self) -> bool:
         return not self.caching_off and self.granularity == "model"
 
-    def evaluate(self, timestep, compute):
+    def evaluate(self, timestep, compute, guidance_pass: bool = False):
         """One model evaluation, however its conditionings are chunked: what
         `compute()` (all of its model calls) returns, computed again in full
-        when the predictions in it came out inf or NaN."""
-        try:
-            self.start_evaluation(timestep)
-        except Exception:
-            self.fail("reading the timestep")
+        when the predictions in it came out inf or NaN.
+
+        guidance_pass: an extra pass a guidance node runs on the evaluation
+        in progress, with the same input and sigma and an altered model (LTX-2's
+        STG). It takes that evaluation's decision instead of one of its own,
+        so both kinds of pass are predicted at the same evaluations from
+        points at the same sigmas (each from its own cache, see
+        chunk_identity), and the difference the guidance scales up comes
+        from forecasts that err alike."""
+        if not (guidance_pass and self.run.current is not None):
+            try:
+                self.start_evaluation(timestep)
+            except Exception:
+                self.fail("reading the timestep")
         output = compute()
         if self.prediction_unusable(output):
             output = compute()
@@ -810,7 +819,8 @@ def calc_cond_batch_wrapper(executor, *args, **kwargs):
         if key in transformer_options:
             session.leave_uncached(reason)
     timestep = kwargs.get("timestep", args[3] if len(args) > 3 else None)
-    return session.evaluate(timestep, lambda: executor(*args, **kwargs))
+    guidance_pass = any(key in transformer_options for key in ALTERED_PASS_KEYS)
+    return session.evaluate(timestep, lambda: executor(*args, **kwargs), guidance_pass)
 
 
 def apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,

@@ -110,19 +110,29 @@ def reads_weights_directly(layer, like: torch.Tensor) -> bool:
             and not getattr(layer, "weight_function", None) and not getattr(layer, "bias_function", None))
 
 
+# Transformer options that a guidance node sets for an extra pass of its own,
+# which changes what the model computes from the same input at the same
+# sigma: LTX-2's spatio-temporal guidance (the listed blocks skip their
+# self-attention) and modality guidance (a cross-attention switched off).
+ALTERED_PASS_KEYS = ("stg_self_attn_blocks", "a2v_cross_attn", "v2a_cross_attn")
+
+
 def chunk_identity(transformer_options: dict, first_stream: torch.Tensor, dropped_tokens: int = 0) -> Hashable:
-    """Which conditionings a chunk carries and its shape. The uuids tell apart
-    same-size area prompts run as separate chunks and a prompt that takes
-    over from another mid-run; cond_or_uncond is kept because ComfyUI copies
-    a positive area cond, uuid included, into the negative list.
+    """Which conditionings a chunk carries, its shape, and which kind of pass
+    it is. The uuids tell apart same-size area prompts run as separate chunks
+    and a prompt that takes over from another mid-run; cond_or_uncond is kept
+    because ComfyUI copies a positive area cond, uuid included, into the
+    negative list; a guidance pass that alters the model (ALTERED_PASS_KEYS)
+    keeps a cache of its own, even where it carries the same conditioning.
     dropped_tokens: tokens a patch removed from the end of a (batch, tokens,
     ...) stream during the run (BlockAdapter.dropped_tail_tokens), counted as
     if present, so the chunk keeps its cache."""
     shape = tuple(first_stream.shape)
     if dropped_tokens:
         shape = (shape[0], shape[1] + dropped_tokens, *shape[2:])
+    altered = tuple((key, transformer_options[key]) for key in ALTERED_PASS_KEYS if key in transformer_options)
     return (tuple(transformer_options.get("cond_or_uncond") or ()),
-            tuple(str(uuid) for uuid in transformer_options.get("uuids") or ()), shape)
+            tuple(str(uuid) for uuid in transformer_options.get("uuids") or ()), shape, *altered)
 
 
 def reference_tokens(args: dict) -> int:

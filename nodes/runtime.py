@@ -70,13 +70,16 @@ MULTIGPU_THREAD_KEY = "multigpu_thread_device"
 # their function: the first block's input then moves by that noise, which no
 # forecast can know, and RCS's error stays far above a usual threshold.
 NOISE_ADDING_SAMPLERS = ("ancestral", "sde", "lcm", "ddpm", "seeds_", "sa_solver", "restart")
-# The median forecast error of a run under such samplers was 0.48 to 1.2 on
+# The median forecast error of a run under such samplers was 0.38 to 2.1 on
 # both bundled models at 20 to 50 steps (benchmarks.noisy_samplers), so a
 # threshold below this predicts nothing there. Such a run longer than a
-# short run is cached at NOISE_ADDING_TARGET instead, which beat sampling with
-# half the steps on every sampler, model and step count measured.
+# short run is cached at NOISE_ADDING_TARGET instead: with euler_ancestral it
+# beat sampling with half the steps by 10 to 24 dB, with dpmpp_2m_sde by 1.6
+# to 8.3 dB. Not lcm, whose every step denoises fully and noises again: there
+# it was within -1.7 to +1.5 dB of half the steps, nothing gained.
 NOISE_FLOOR = 0.5
 NOISE_ADDING_TARGET = 2.0
+NO_TARGET_FOR = ("lcm",)
 # Transformer options a sampler sets when it keeps state of its own across
 # model calls, which a predicted call would corrupt: such runs are not cached.
 SAMPLER_STATE_KEYS = {
@@ -139,10 +142,12 @@ def config_for_sampler(config: CacheConfig, sampler_name: str, schedule) -> tupl
     """The settings a run uses with this sampler, and a note when they are
     not the node's: a sampler that adds noise at every step, under a
     threshold that would predict nothing there, runs at NOISE_ADDING_TARGET
-    (a short run keeps the threshold: there every step is a large jump)."""
+    (a short run keeps the threshold: there every step is a large jump; so
+    does lcm, see NO_TARGET_FOR)."""
     steps = len(schedule) - 1 if schedule is not None else 0
     if (config.target_speedup or config.scheduler != "rcs" or config.threshold >= NOISE_FLOOR
-            or not adds_noise(sampler_name) or steps <= SHORT_RUN_STEPS or config.max_skip < 1):
+            or not adds_noise(sampler_name) or sampler_name in NO_TARGET_FOR or steps <= SHORT_RUN_STEPS
+            or config.max_skip < 1):
         return config, None
     note = (f"{sampler_name} adds fresh noise to the latent at every step, where threshold {config.threshold:g} "
             f"would predict nothing (below {NOISE_FLOOR:g}), so this run used target_speedup "

@@ -176,6 +176,7 @@ class Graph:
                 node.inputs.append([name, value.type if spec[0] in ("*", MATCH_TYPE) else spec[0], None])
                 self._link(value, node, len(node.inputs) - 1)
             node.outputs = [[name, matched if kind == MATCH_TYPE else kind, []] for name, kind in definition["outputs"]]
+            node.widgets = _without_trailing_defaults(definition, node.widgets, {name for name, _, _ in node.inputs})
             node.models = [value for value in node.widgets if value in MODEL_FILES]
         if given:
             raise ValueError(f"{type_}: no input named {sorted(given)}")
@@ -307,6 +308,21 @@ class Workflow:
                 "links": [list(link) for link in self.root.links], "groups": [],
                 "definitions": {"subgraphs": definitions}, "config": {},
                 "extra": {"ds": {"scale": 0.6, "offset": [60, 420]}}, "version": 0.4}
+
+
+def _without_trailing_defaults(definition: dict, values: list, linked: set) -> list:
+    """Widget values without the optional widgets at the end that keep their
+    default: a ComfyUI older than the one that wrote the file may not have
+    those widgets (CreateVideo's bit_depth), and a newer front-end fills in
+    the default for a value that is not there."""
+    values = list(values)
+    widgets = [(name, spec) for name, spec, is_widget in definition["inputs"] if is_widget and name not in linked]
+    for name, spec in reversed(widgets):
+        options = spec[1]
+        if spec[2] or options.get("control_after_generate") or not values or values[-1] != options.get("default"):
+            break
+        values.pop()
+    return values
 
 
 def _widget_value(type_: str, name: str, spec, value):

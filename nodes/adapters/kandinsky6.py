@@ -20,8 +20,6 @@ block of an evaluation on its own schedule; RFC refuses to run beside it
 
 from __future__ import annotations
 
-import torch
-
 from .base import BlockAdapter, BlockGroup
 
 # stream -> (the block's sub-block for it, its time embedding's argument)

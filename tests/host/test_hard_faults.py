@@ -365,7 +365,7 @@ def test_whole_model_fault_computes_the_rest_in_full(family, monkeypatch, caplog
     there, one warning, and the summary still counts every evaluation."""
     steps = 12
     reference, reference_calls = family.run(family.model)
-    runtime = pack_module(family.nodes, "nodes.runtime")
+    runtime = pack_module(family.nodes, "nodes.runtime.session")
     monkeypatch.setattr(runtime, "pack", nth_call_raises(runtime.pack, 1))
     caplog.set_level(logging.INFO, logger="ComfyUI-RFC")
     latent, calls = family.run(rfc(family.nodes, family.model, granularity="model", **FORCED))

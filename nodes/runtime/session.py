@@ -1,75 +1,33 @@
-"""Driving an RFC cache from inside ComfyUI sampling.
-
-Everything reaches ComfyUI through its extension points only:
-- an OUTER_SAMPLE wrapper opens a `SamplingSession` for the run and closes
-  it in `finally`, so an interrupted run leaves nothing behind;
-- a CALC_COND_BATCH wrapper marks the start of each model evaluation (once per
-  evaluation, however the conditionings are chunked) and checks its output;
-- an APPLY_MODEL wrapper makes the session reachable from every block of
-  the model call (some families pass blocks no transformer options) and, at
-  whole-model granularity, is itself the cached module;
-- a `patches_replace` entry per transformer block, or for families without
-  one an object patch of the block's `forward`, predicts or computes it.
-The session lives in a copy of the guider's model options made for this run,
-so two runs, or two clones of one patched model, never share state.
-
-Faults never cost the image:
-- an exception inside the cache logic is logged once, with the traceback at
-  DEBUG; block caching falls back to caching the whole model call, and a
-  fault there computes the rest of the run in full (the block or call that
-  raised is computed too);
-- inf or NaN from the cache never reaches the sampler. Nothing is checked
-  per block (a check there is a host sync per block); instead the output of
-  every evaluation that used predictions is checked once, and if it is not
-  finite that evaluation is computed again in full and every cached module
-  holding inf or NaN is dropped. Said once per run, as a warning. A NaN the
-  model itself makes is the model's: the uncached run has it too.
-"""
+"""One sampling run of one patched model (SamplingSession): the decision,
+every cached block or model call, faults, and the summary at the end."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
-import inspect
 import logging
 import sys
 import threading
-import types
-from contextvars import ContextVar
-from typing import NamedTuple
 
 import torch
 
-from ..rfc_core import CacheConfig, RFCRun
-from ..rfc_core.history import flat
-from ..rfc_core.run import SHORT_RUN_STEPS, format_bytes
-from ..rfc_core.storage import FeatureStorage, should_offload, storage_for
-from .adapters import REPLACE, BlockAdapter
-from .adapters.base import ALTERED_PASS_KEYS, batch_first, chunk_identity, pack
+from ...rfc_core import CacheConfig, RFCRun
+from ...rfc_core.history import flat
+from ...rfc_core.run import SHORT_RUN_STEPS, format_bytes
+from ...rfc_core.storage import FeatureStorage, should_offload, storage_for
+from ..adapters.base import batch_first, chunk_identity, pack
+from .active_call import active_diffusion_model
+from .settings import MODEL_MODULE, CacheSettings
+from .summary import send_summary
 
 logger = logging.getLogger("ComfyUI-RFC")
 
-WRAPPER_KEY = "rfc_cache"
-SETTINGS_KEY = "rfc_cache_settings"
-SESSION_KEY = "rfc_cache_session"
-SUMMARY_EVENT = "rfc-cache.summary"
-# Set by a sequence-parallel pack in the model's transformer options: a
-# function that sums a tensor over the ranks that each hold a slice of the
-# tokens (see rfc_core.run.RFCRun, README "Multi-GPU").
-RANK_SUM_KEY = "rfc_cache_rank_sum"
-MODEL_MODULE = "model"
-# Where core's EasyCache and LazyCache nodes keep their state.
-EASYCACHE_KEY = "easycache"
-# Where Kandinsky 6's in-model MagCache finds its state (ComfyUI after v0.31).
-K6_MAGCACHE_KEY = "k6_magcache"
-# What core's MultiGPU node sets in the transformer options of each device's
-# model call, run in a worker thread of its own.
-MULTIGPU_THREAD_KEY = "multigpu_thread_device"
 # Samplers that add fresh noise to the latent at every step, by the name of
 # their function: the first block's input then moves by that noise, which no
 # forecast can know, and RCS's error stays far above a usual threshold.
 NOISE_ADDING_SAMPLERS = ("ancestral", "sde", "lcm", "ddpm", "seeds_", "sa_solver", "restart")
+
+
 # The median forecast error of a run under such samplers was 0.38 to 2.1 on
 # both bundled models at 20 to 50 steps (benchmarks.noisy_samplers), so a
 # threshold below this predicts nothing there. Such a run longer than a
@@ -80,48 +38,6 @@ NOISE_ADDING_SAMPLERS = ("ancestral", "sde", "lcm", "ddpm", "seeds_", "sa_solver
 NOISE_FLOOR = 0.5
 NOISE_ADDING_TARGET = 2.0
 NO_TARGET_FOR = ("lcm",)
-# Transformer options a sampler sets when it keeps state of its own across
-# model calls, which a predicted call would corrupt: such runs are not cached.
-SAMPLER_STATE_KEYS = {
-    "ar_state": "the ar_video sampler keeps its own K/V cache across model calls and a predicted call would "
-                "corrupt it",
-}
-
-
-class CacheSettings:
-    """What an RFC Cache node attached to a model: fixed until re-applied.
-
-    granularity "blocks": each transformer block is a cached module, through
-    `adapter`; "model": the whole model call is the one cached module."""
-
-    def __init__(self, config: CacheConfig, family: str, granularity: str, adapter: BlockAdapter | None,
-                 first_module, node_id: str | None):
-        self.config = config
-        self.family = family
-        self.granularity = granularity
-        self.adapter = adapter
-        self.first_module = first_module
-        self.node_id = node_id
-
-
-def _copy_nested(options: dict) -> dict:
-    """Copy the dicts and lists of model options, sharing everything else, so
-    that adding the session for one run does not touch the model's own options."""
-    copied = {}
-    for key, value in options.items():
-        if isinstance(value, dict):
-            copied[key] = _copy_nested(value)
-        elif isinstance(value, list):
-            copied[key] = list(value)
-        else:
-            copied[key] = value
-    return copied
-
-
-def _skip_window(model_patcher, config: CacheConfig):
-    model_sampling = model_patcher.get_model_object("model_sampling")
-    return (float(model_sampling.percent_to_sigma(config.start_percent)),
-            float(model_sampling.percent_to_sigma(config.end_percent)))
 
 
 def comfyui_version() -> str:
@@ -192,7 +108,7 @@ class SamplingSession:
         # adapters' end of run.
         self.models_used: dict = {}
         # Blocks another node's forward patch may have taken from us, by
-        # module key, until they reach the cache (see _forwards_replaced_later).
+        # module key, until they reach the cache (see forwards_replaced_later).
         self.unseen_blocks: dict = {}
 
     @property
@@ -499,7 +415,7 @@ class SamplingSession:
             logger.warning("RFC: a node applied after RFC Cache replaced the forward of %d block(s) without "
                            "calling RFC's (%s): they were computed every time%s. Apply that node before RFC Cache.",
                            len(self.unseen_blocks), ", ".join(self.unseen_blocks.values()), nothing_skipped)
-        _send_summary(self.settings.node_id, summary, self.run, advice)
+        send_summary(self.settings.node_id, summary, self.run, advice)
         return summary
 
     def advice(self) -> str | None:
@@ -549,309 +465,3 @@ def rebuild_leaves(like, leaves: list[torch.Tensor]):
         return rebuilt
 
     return build(like)
-
-
-def summary_message(node_id: str, summary: str, run: RFCRun, advice: str | None = None) -> dict:
-    """What the front-end draws: one entry per model evaluation."""
-    return {
-        "node": node_id,
-        "summary": summary,
-        "advice": advice,
-        "computed": run.computed_evaluations,
-        "total": len(run.evaluations),
-        "target_speedup": run.config.target_speedup,
-        "peak_bytes": run.peak_bytes,
-        "evaluations": [{"sigma": e.sigma, "computed": e.counts_as_computed, "accumulated": e.accumulated,
-                         "threshold": e.threshold, "reason": e.reason} for e in run.evaluations],
-    }
-
-
-def _send_summary(node_id: str | None, summary: str, run: RFCRun, advice: str | None = None) -> None:
-    """Show the run on the node when a browser is listening; without a
-    server (headless use, tests) there is nobody to tell."""
-    server_module = sys.modules.get("server")
-    prompt_server = getattr(getattr(server_module, "PromptServer", None), "instance", None)
-    if node_id is None or prompt_server is None:
-        return
-    try:
-        prompt_server.send_sync(SUMMARY_EVENT, summary_message(node_id, summary, run, advice))
-    except Exception:
-        logger.debug("RFC: could not send the summary to the front-end", exc_info=True)
-
-
-class ActiveCall(NamedTuple):
-    """The model call in progress on this thread: its session (None when the
-    run is not cached), its transformer options, and the diffusion model
-    running it, which under core's MultiGPU node is the device's own clone."""
-
-    session: SamplingSession | None
-    transformer_options: dict
-    diffusion_model: torch.nn.Module | None
-
-
-# Set by the APPLY_MODEL wrapper, so blocks of families whose block arguments
-# carry no transformer options (HunyuanDiT, Wan S2V, PixArt, object-patched
-# blocks) still find their session, and every block finds the model it runs
-# in. A context variable: each of MultiGPU's worker threads has its own.
-_ACTIVE_CALL: ContextVar[ActiveCall | None] = ContextVar("rfc_active_call", default=None)
-
-
-def active_diffusion_model():
-    active = _ACTIVE_CALL.get()
-    return None if active is None else active.diffusion_model
-
-
-def _session_for(args: dict) -> tuple[SamplingSession | None, dict]:
-    transformer_options = args.get("transformer_options")
-    if isinstance(transformer_options, dict) and SESSION_KEY in transformer_options:
-        return transformer_options[SESSION_KEY], transformer_options
-    active = _ACTIVE_CALL.get()
-    if active is None or active.session is None:
-        return None, {}
-    return active.session, active.transformer_options
-
-
-class CachedBlock:
-    """The `patches_replace` entry of one transformer block."""
-
-    def __init__(self, kind: str, index: int, chained=None):
-        self.kind = kind
-        self.index = index
-        # Another pack's patch that was on this block before us: we run it
-        # in place of the original block rather than dropping it.
-        self.chained = chained
-
-    def __call__(self, args: dict, extra: dict) -> dict:
-        original = extra["original_block"]
-        if self.chained is None:
-            compute = original
-        else:
-            def compute(block_args):
-                return self.chained(block_args, extra)
-        session, transformer_options = _session_for(args)
-        if session is None or not session.caches_blocks:
-            return compute(args)
-        return session.run_block(self.kind, self.index, args, compute, transformer_options)
-
-
-class CachedForward:
-    """The object patch that replaces one block's `forward` in families
-    without a block patch point. ComfyUI restores the original on unpatch."""
-
-    def __init__(self, kind: str, index: int, outputs: tuple[str, ...], original, block_forward=None,
-                 block_path: str | None = None):
-        self.kind = kind
-        self.index = index
-        self.outputs = outputs
-        # The block's own forward, or another object patch this model
-        # already had on it, which we then run in its place.
-        self.original = original
-        # Arguments are named by the block's own forward: a patch we chain
-        # usually takes (*args, **kwargs).
-        self.signature = inspect.signature(block_forward if block_forward is not None else original)
-        # Where the block is under the diffusion model: a MultiGPU clone gets
-        # this same object patch, and must run its own block, not ours.
-        self.block_path = block_path
-
-    def _forward(self, diffusion_model):
-        original = self.original
-        owner = getattr(original, "__self__", None)
-        if diffusion_model is None or self.block_path is None or not isinstance(owner, torch.nn.Module):
-            return original
-        block = diffusion_model.get_submodule(self.block_path)
-        return original if block is owner else types.MethodType(original.__func__, block)
-
-    def __call__(self, *args, **kwargs):
-        active = _ACTIVE_CALL.get()
-        forward = self._forward(None if active is None else active.diffusion_model)
-        session = None if active is None else active.session
-        if session is None or not session.caches_blocks:
-            return forward(*args, **kwargs)
-        bound = self.signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-
-        def compute(_):
-            returned = forward(*bound.args, **bound.kwargs)
-            if len(self.outputs) == 1:
-                return {self.outputs[0]: returned}
-            return dict(zip(self.outputs, returned))
-
-        streams = session.run_block(self.kind, self.index, bound.arguments, compute, active.transformer_options)
-        if len(self.outputs) == 1:
-            return streams[self.outputs[0]]
-        return tuple(streams[name] for name in self.outputs)
-
-
-def forward_patch_key(adapter: BlockAdapter, diffusion_model, kind: str, index: int) -> str:
-    """The ModelPatcher object-patch key of a block's forward."""
-    return f"diffusion_model.{adapter.block_path(diffusion_model, kind, index)}.forward"
-
-
-def refuse_other_cache(transformer_options: dict) -> None:
-    """Core's EasyCache or LazyCache, or Kandinsky 6's own MagCache, on the
-    same model skips whole model calls (or every block of one) on its own
-    schedule while RFC skips blocks on its own: each would judge its error
-    from outputs the other already approximated, and the two errors
-    compound. Refused in either order, before anything is computed."""
-    if EASYCACHE_KEY in transformer_options:
-        other = f"core's {getattr(transformer_options[EASYCACHE_KEY], 'name', 'EasyCache')} node"
-    elif K6_MAGCACHE_KEY in transformer_options:
-        other = "Kandinsky 6's MagCache (transformer_options['k6_magcache'])"
-    else:
-        return
-    raise ValueError(f"RFC Cache: this model also has {other}. Two caches on one model skip on their own "
-                     f"schedules and compound their errors; remove one of them.")
-
-
-def _holds_cached_block(patch) -> bool:
-    """Whether a patch keeps one of our entries (in its closure, default
-    arguments, attributes, or a functools.partial's arguments): a patch built
-    to wrap the entry it found, which it then calls in place of the block."""
-    held = []
-    for cell in getattr(patch, "__closure__", None) or ():
-        try:
-            held.append(cell.cell_contents)
-        except ValueError:  # a free variable not assigned yet
-            continue
-    held += list(getattr(patch, "__defaults__", None) or ())
-    held += list((getattr(patch, "__kwdefaults__", None) or {}).values())
-    held += list(getattr(patch, "__dict__", {}).values())
-    held += list(getattr(getattr(patch, "__self__", None), "__dict__", {}).values())
-    if isinstance(patch, functools.partial):
-        held += [patch.func, *patch.args, *patch.keywords.values()]
-    return any(isinstance(item, CachedBlock) for item in held)
-
-
-def _chain_patches_added_later(run_options: dict, settings: CacheSettings, diffusion_model) -> None:
-    """A node applied after RFC Cache that sets `patches_replace` on a block
-    replaces our entry. If its patch wraps ours, the block still reaches the
-    cache through it and it runs around the cache on every evaluation.
-    Otherwise, for this run's options only, ours is put back around it,
-    chained as if that node had been applied first."""
-    replaced = run_options.get("transformer_options", {}).get("patches_replace", {}).get("dit")
-    if not replaced:
-        return
-    for kind, index in settings.adapter.block_keys(diffusion_model):
-        patch = replaced.get((kind, index))
-        if (settings.adapter.group(kind).hook == REPLACE and patch is not None
-                and not isinstance(patch, CachedBlock) and not _holds_cached_block(patch)):
-            replaced[(kind, index)] = CachedBlock(kind, index, patch)
-
-
-def _forwards_replaced_later(model_patcher, settings: CacheSettings, diffusion_model) -> dict:
-    """Blocks whose forward object patch is no longer ours: a node applied
-    after RFC Cache patched it again. If that patch wraps ours (as one built
-    on `get_model_object` does) the block still reaches the cache; if not,
-    RFC never sees the block, which `SamplingSession.finish` reports. The
-    patcher's object patches belong to that node, so they are left alone."""
-    replaced = {}
-    for kind, index in settings.adapter.block_keys(diffusion_model):
-        if settings.adapter.group(kind).hook == REPLACE:
-            continue
-        path = forward_patch_key(settings.adapter, diffusion_model, kind, index)
-        if not isinstance(model_patcher.object_patches.get(path), CachedForward):
-            replaced[(kind, index)] = path
-    return replaced
-
-
-def _warn_unreachable_target(run: RFCRun) -> None:
-    target = run.config.target_speedup
-    best = run.best_speedup()
-    if target and best is not None and best < target / 1.1:
-        logger.warning("RFC: target_speedup %g cannot be reached in %d steps: max_skip %d, the start/end window, "
-                       "%d warm-up computations and a short run's last step allow at most %.2fx", target,
-                       len(run.plan.step_sigmas), run.config.max_skip, run.config.warmup, best)
-    elif target and run.rounded_target():
-        logger.info("RFC: target_speedup %g: %s", target, run.rounded_target())
-
-
-def _start_session(guider, settings: CacheSettings, sigmas, sampler_name: str) -> tuple[SamplingSession, dict]:
-    model_patcher = guider.model_patcher
-    diffusion_model = model_patcher.model.diffusion_model
-    schedule = None if sigmas is None else [float(s) for s in sigmas.flatten()]
-    rank_sum = guider.model_options.get("transformer_options", {}).get(RANK_SUM_KEY)
-    session = SamplingSession(settings, diffusion_model, _skip_window(model_patcher, settings.config), schedule,
-                              rank_sum, sampler_name)
-    if session.config_note:
-        logger.info("RFC: %s", session.config_note)
-    _warn_unreachable_target(session.run)
-    run_options = _copy_nested(guider.model_options)
-    run_options.setdefault("transformer_options", {})[SESSION_KEY] = session
-    if settings.granularity == "blocks":
-        _chain_patches_added_later(run_options, settings, diffusion_model)
-        session.unseen_blocks = _forwards_replaced_later(model_patcher, settings, diffusion_model)
-    return session, run_options
-
-
-def outer_sample_wrapper(executor, *args, **kwargs):
-    guider = executor.class_obj
-    original_options = guider.model_options
-    transformer_options = original_options.get("transformer_options", {})
-    settings: CacheSettings | None = transformer_options.get(SETTINGS_KEY)
-    if settings is None or SESSION_KEY in transformer_options:
-        return executor(*args, **kwargs)
-    refuse_other_cache(transformer_options)
-    if not settings.config.skipping_enabled:
-        logger.info("RFC: threshold, target_speedup, max_skip or interval is set to never skip; every evaluation is computed")
-        return executor(*args, **kwargs)
-    # outer_sample(noise, latent_image, sampler, sigmas, ...)
-    sigmas = kwargs.get("sigmas", args[3] if len(args) > 3 else None)
-    sampler = kwargs.get("sampler", args[2] if len(args) > 2 else None)
-    sampler_name = getattr(getattr(sampler, "sampler_function", None), "__name__", "")
-    try:
-        session, run_options = _start_session(guider, settings, sigmas, sampler_name)
-    except Exception:
-        logger.exception("RFC: could not start caching; this run is computed in full")
-        return executor(*args, **kwargs)
-    guider.model_options = run_options
-    try:
-        return executor(*args, **kwargs)
-    finally:
-        guider.model_options = original_options
-        try:
-            session.finish()
-        except Exception:
-            logger.exception("RFC: could not report on this run")
-
-
-def calc_cond_batch_wrapper(executor, *args, **kwargs):
-    model_options = kwargs.get("model_options", args[-1] if args else {})
-    transformer_options = model_options.get("transformer_options", {})
-    session: SamplingSession | None = transformer_options.get(SESSION_KEY)
-    if session is None:
-        return executor(*args, **kwargs)
-    for key, reason in SAMPLER_STATE_KEYS.items():
-        if key in transformer_options:
-            session.leave_uncached(reason)
-    timestep = kwargs.get("timestep", args[3] if len(args) > 3 else None)
-    guidance_pass = any(key in transformer_options for key in ALTERED_PASS_KEYS)
-    return session.evaluate(timestep, lambda: executor(*args, **kwargs), guidance_pass)
-
-
-def apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
-                        **kwargs):
-    transformer_options = transformer_options if transformer_options is not None else {}
-    session: SamplingSession | None = transformer_options.get(SESSION_KEY)
-
-    def compute():
-        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-
-    # The model this call runs on where it may not be the one the blocks were
-    # patched on: under core's MultiGPU node, the device's clone (ComfyUI
-    # names the device of each of its worker threads). None in the common
-    # case, which also keeps torch.compile's tracer from meeting the model a
-    # second time through this variable.
-    diffusion_model = getattr(getattr(executor, "class_obj", None), "diffusion_model", None)
-    diffusion_model = getattr(diffusion_model, "_orig_mod", diffusion_model)  # under TorchCompileModel
-    if (session.diffusion_model is diffusion_model if session is not None
-            else MULTIGPU_THREAD_KEY not in transformer_options):
-        diffusion_model = None
-    if session is not None and session.caching_off:
-        session = None
-    token = _ACTIVE_CALL.set(ActiveCall(session, transformer_options, diffusion_model))
-    try:
-        if session is not None and session.caches_model:
-            return session.run_model(compute, x, transformer_options)
-        return compute()
-    finally:
-        _ACTIVE_CALL.reset(token)

@@ -340,6 +340,13 @@ class BlockAdapter:
         if stack is not None and stack.is_current_for(conditioning):
             stack.prepare(conditioning)
 
+    def uncached_call(self, kind: str, args: dict) -> bool:
+        """Whether this call of a block does other work than the block's step
+        and must run as it is, neither predicted nor recorded (Qwen-Image
+        2.1's first-step call that fills the model's own prefix K/V cache).
+        Default: no call is."""
+        return False
+
     def dropped_tail_tokens(self, kind: str, args: dict) -> int:
         """Tokens a patch has removed from the end of this block's streams
         since the run began, which the block's other arguments still count:

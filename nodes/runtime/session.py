@@ -227,7 +227,7 @@ class SamplingSession:
     def run_block(self, kind: str, index: int, args: dict, compute, transformer_options: dict) -> dict:
         """Predict or compute one block. `compute(args)` runs the real block and
         returns what the block's caller reads back; the result has the same form."""
-        if getattr(self._thread, "running_module", None) is not None:
+        if getattr(self._thread, "running_module", None) is not None or self.adapter.uncached_call(kind, args):
             return compute(args)
         self._thread.running_module = (kind, index)
         if self.unseen_blocks:

@@ -97,6 +97,21 @@ class FamilySpec:
     reference_tokens: int = 0
 
 
+def nested_latent(*sample_shapes):
+    """FamilySpec.latent for a model whose latent is several tensors (video
+    and audio): ComfyUI's NestedTensor of zeros, and seeded noise like it."""
+    def latent(batch: int, seed: int):
+        import comfy.nested_tensor
+
+        generator = torch.Generator().manual_seed(seed)
+        shapes = [(batch, *shape) for shape in sample_shapes]
+        zeros = comfy.nested_tensor.NestedTensor([torch.zeros(shape) for shape in shapes])
+        noise = comfy.nested_tensor.NestedTensor([torch.randn(shape, generator=generator) for shape in shapes])
+        return zeros, noise
+
+    return latent
+
+
 def pack_module(nodes, name: str):
     node_module = nodes.NODE_CLASS_MAPPINGS["RFCCache"].__module__
     return sys.modules[f"{node_module.rsplit('.', 2)[0]}.{name}"]

@@ -10,7 +10,7 @@ import importlib.util
 import pytest
 import torch
 
-from family_harness import FORCED, FamilyContract, FamilySpec, rfc, sample_spec
+from family_harness import FORCED, FamilyContract, FamilySpec, nested_latent, rfc, sample_spec
 
 K6_CONFIG = {
     "image_model": "kandinsky6", "in_visual_dim": 16, "out_visual_dim": 16, "in_audio_dim": 40, "in_text_dim": 32,
@@ -27,14 +27,6 @@ def unsupported() -> str | None:
     return None
 
 
-def video_audio_latent(batch: int, seed: int):
-    import comfy.nested_tensor
-
-    generator = torch.Generator().manual_seed(seed)
-    shapes = [(batch, *VIDEO_SHAPE), (batch, *AUDIO_SHAPE)]
-    latent = comfy.nested_tensor.NestedTensor([torch.zeros(shape) for shape in shapes])
-    noise = comfy.nested_tensor.NestedTensor([torch.randn(shape, generator=generator) for shape in shapes])
-    return latent, noise
 
 
 def text(batch: int, seed: int) -> list:
@@ -45,7 +37,7 @@ def text(batch: int, seed: int) -> list:
 
 K6 = FamilySpec(
     name="kandinsky6", config_class="Kandinsky6", unet_config=K6_CONFIG, latent_shape=VIDEO_SHAPE, conditioning=text,
-    latent=video_audio_latent, unsupported=unsupported,
+    latent=nested_latent(VIDEO_SHAPE, AUDIO_SHAPE), unsupported=unsupported,
     probe=lambda block, kind: {"visual": block.videoT.self_attention, "audio": block.audioT.self_attention},
 )
 

@@ -6,11 +6,9 @@ NestedTensor of both."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
-from family_harness import FORCED, FamilyContract, FamilySpec, InPlaceContract, rfc, sample_spec
+from family_harness import FORCED, FamilyContract, FamilySpec, InPlaceContract, nested_latent, rfc, sample_spec
 from tiny_models import counted
 
 LTX2_CONFIG = {
@@ -24,14 +22,6 @@ LTX2_CONFIG = {
 VIDEO_SHAPE, AUDIO_SHAPE = (128, 2, 2, 2), (8, 9, 16)
 
 
-def audio_video_latent(batch: int, seed: int):
-    import comfy.nested_tensor
-
-    generator = torch.Generator().manual_seed(seed)
-    shapes = [(batch, *VIDEO_SHAPE), (batch, *AUDIO_SHAPE)]
-    latent = comfy.nested_tensor.NestedTensor([torch.zeros(shape) for shape in shapes])
-    noise = comfy.nested_tensor.NestedTensor([torch.randn(shape, generator=generator) for shape in shapes])
-    return latent, noise
 
 
 def text(batch: int, seed: int) -> list:
@@ -41,7 +31,8 @@ def text(batch: int, seed: int) -> list:
 
 LTX2 = FamilySpec(
     name="ltx2", config_class="LTXAV", unet_config=LTX2_CONFIG, latent_shape=VIDEO_SHAPE, conditioning=text,
-    latent=audio_video_latent, probe=lambda block, kind: {"video": block.attn1, "audio": block.audio_attn1},
+    latent=nested_latent(VIDEO_SHAPE, AUDIO_SHAPE),
+    probe=lambda block, kind: {"video": block.attn1, "audio": block.audio_attn1},
 )
 
 

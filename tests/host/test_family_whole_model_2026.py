@@ -26,7 +26,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from family_harness import FORCED, FamilyContract, FamilySpec, forced_full_evaluations, rfc
+from family_harness import FORCED, FamilyContract, FamilySpec, forced_full_evaluations, nested_latent, rfc
 from tiny_models import build
 
 
@@ -109,14 +109,6 @@ def seconds_total_weights() -> dict:
 MINIMAX_VIDEO, MINIMAX_AUDIO = (24, 2, 4, 4), (32, 2, 10)
 
 
-def minimax_latent(batch: int, seed: int):
-    import comfy.nested_tensor
-
-    generator = torch.Generator().manual_seed(seed)
-    shapes = [(batch, *MINIMAX_VIDEO), (batch, *MINIMAX_AUDIO)]
-    latent = comfy.nested_tensor.NestedTensor([torch.zeros(shape) for shape in shapes])
-    noise = comfy.nested_tensor.NestedTensor([torch.randn(shape, generator=generator) for shape in shapes])
-    return latent, noise
 
 
 MINIMAX_H3 = FamilySpec(
@@ -125,7 +117,7 @@ MINIMAX_H3 = FamilySpec(
                  "num_attention_heads": 2, "attention_head_dim": 32, "ffn_hidden_size": 128, "latents_dim": 24,
                  "audio_latents_dim": 32, "text_dim": 32, "timestep_input_dim": 256, "time_embed_hidden_size": 64,
                  "time_embed_dim": 32, "rope_inv_freq_len": 4},
-    latent_shape=MINIMAX_VIDEO, latent=minimax_latent, conditioning=_text(32),
+    latent_shape=MINIMAX_VIDEO, latent=nested_latent(MINIMAX_VIDEO, MINIMAX_AUDIO), conditioning=_text(32),
     # blocks[0], not the token refiner: that runs once per sampling in extra_conds
     counted_modules=lambda dm: [dm.blocks[0]], prepare=_fill_inv_freq,
 )

@@ -170,9 +170,12 @@ class SampledRows:
     as long as the run. A LoRA or hook that replaces a block's modulation
     parameters makes it rebuild."""
 
-    def __init__(self, layers: dict, stride: int, chunks: int, gain_from: int, width: int):
+    def __init__(self, layers: dict, stride: int, chunks: int, gain_from: int, width: int, activate: bool = True):
         self.layers = layers
         self.chunks = chunks
+        # Whether the linear takes silu of the conditioning (most adaLN) or
+        # the conditioning itself (Z-Image's modulation has no SiLU in front).
+        self.activate = activate
         self.parameters = {key: (layer.weight, layer.bias) for key, layer in layers.items()}
         weights, biases, self.rows = [], [], {}
         start = 0
@@ -203,7 +206,8 @@ class SampledRows:
     def prepare(self, conditioning: torch.Tensor) -> None:
         """Every block's rows for this model call's conditioning vector (silu, then the linear)."""
         if self._last is None or self._last[0] is not conditioning:
-            product = torch.addmm(self.bias, torch.nn.functional.silu(conditioning), self.weight.t())
+            activated = torch.nn.functional.silu(conditioning) if self.activate else conditioning
+            product = torch.addmm(self.bias, activated, self.weight.t())
             self._last = (conditioning, product)
 
     def rows_for(self, key, conditioning: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -312,7 +316,7 @@ class BlockAdapter:
         return None
 
     def sampled_rows(self, diffusion_model, conditioning: torch.Tensor, stride: int, chunks: int,
-                     gain_from: int, width: int) -> SampledRows | None:
+                     gain_from: int, width: int, activate: bool = True) -> SampledRows | None:
         """This run's SampledRows of the model, or None where the stride keeps
         every channel or some block's modulation cannot be read directly
         (then the module input goes through the layer itself)."""
@@ -328,8 +332,8 @@ class BlockAdapter:
                     layers = None
                     break
                 layers[(kind, index)] = layer
-            stack = stacks[diffusion_model] = (SampledRows(layers, stride, chunks, gain_from, width) if layers
-                                               else None)
+            stack = stacks[diffusion_model] = (SampledRows(layers, stride, chunks, gain_from, width, activate)
+                                               if layers else None)
         return stack
 
     def prepare_sampled_rows(self, diffusion_model, conditioning: torch.Tensor) -> None:

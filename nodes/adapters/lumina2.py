@@ -6,10 +6,11 @@ left alone: they see caption or image tokens only, not the joint sequence).
 
 Module input: the block's RMS-normalised joint sequence scaled by its own
 adaLN `scale_msa`, which is exactly what it feeds its attention's qkv linear.
-The modulation is one small linear on the timestep embedding. Blocks after
-the first take it on a regular sample of tokens and channels, with the
-sampled rows of every block's adaLN linear stacked into one matmul per
-model call (base.SampledRows).
+The modulation is one small linear on the timestep embedding, after a SiLU
+in Lumina 2 and without one in Z-Image. Blocks after the first take it on a
+regular sample of tokens and channels, with the sampled rows of every
+block's adaLN linear stacked into one matmul per model call
+(base.SampledRows), in both layouts.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class Lumina2Adapter(BlockAdapter):
         x, conditioning = args["x"], args["adaln_input"]
         tokens_step, channels_step = token_stride(x.shape[1]), channel_stride(x.shape[2])
         stack = self.sampled_rows(diffusion_model, conditioning, channels_step, chunks=1, gain_from=0,
-                                  width=x.shape[-1])
+                                  width=x.shape[-1], activate=_has_silu(self.block(diffusion_model, kind, index)))
         if stack is None or args.get("timestep_zero_index") is not None:
             return sample_of(self.module_input(diffusion_model, kind, index, args), tokens_step, channels_step)
         (gain,) = stack.rows_for((kind, index), conditioning)
@@ -58,7 +59,12 @@ class Lumina2Adapter(BlockAdapter):
 
     def modulation_linear(self, diffusion_model, kind, index):
         modulation = getattr(self.block(diffusion_model, kind, index), "adaLN_modulation", None)
-        return modulation[1] if isinstance(modulation, torch.nn.Sequential) and len(modulation) == 2 else None
+        return modulation[-1] if isinstance(modulation, torch.nn.Sequential) and len(modulation) in (1, 2) else None
+
+
+def _has_silu(block) -> bool:
+    """Lumina 2's adaLN is Sequential(SiLU, Linear), Z-Image's Sequential(Linear)."""
+    return len(block.adaLN_modulation) == 2
 
 
 ADAPTERS = (Lumina2Adapter(),)

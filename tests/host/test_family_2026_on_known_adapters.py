@@ -13,7 +13,7 @@ import logging
 import pytest
 import torch
 
-from family_harness import FORCED, FamilyContract, FamilySpec, ObjectPatchIsUndone, rfc
+from family_harness import FORCED, FamilyContract, FamilySpec, ObjectPatchIsUndone, pack_module, rfc, sample_spec
 from test_family_cosmos import PREDICT2_SPEC
 from test_family_hunyuan_video import HUNYUAN_VIDEO, flux_block_probe
 from test_family_lumina2 import SPEC as LUMINA2_SPEC
@@ -97,6 +97,31 @@ class TestHunyuanVideo15(FamilyContract):
 
 class TestZImage(FamilyContract, ObjectPatchIsUndone):
     spec = Z_IMAGE
+
+    def test_sampled_module_inputs_come_from_the_stacked_modulation_rows(self, model, nodes, monkeypatch):
+        """Z-Image's adaLN is a linear with no SiLU in front: the blocks after
+        the first still take their sampled module input from the stacked
+        rows (one matmul per model call), not from each block's full
+        modulation; the contract test checks the values."""
+        base = pack_module(nodes, "nodes.adapters.base")
+        monkeypatch.setattr(base, "MODULE_INPUT_TOKENS", 4)
+        monkeypatch.setattr(base, "MODULE_INPUT_CHANNELS", 8)
+        built, prepared = [], []
+        init, prepare = base.SampledRows.__init__, base.SampledRows.prepare
+
+        def spy_init(stack, *args, **kwargs):
+            init(stack, *args, **kwargs)
+            built.append(stack.activate)
+
+        def spy_prepare(stack, conditioning):
+            prepared.append(conditioning)
+            return prepare(stack, conditioning)
+
+        monkeypatch.setattr(base.SampledRows, "__init__", spy_init)
+        monkeypatch.setattr(base.SampledRows, "prepare", spy_prepare)
+        sample_spec(self.spec, rfc(nodes, model, **FORCED), steps=4)
+        assert built == [False]  # one stack for the run, applied without SiLU
+        assert prepared
 
 
 class TestZImagePixelSpace(FamilyContract, ObjectPatchIsUndone):

@@ -83,6 +83,17 @@ def _start_session(guider, settings: CacheSettings, sigmas, sampler_name: str) -
     return session, run_options
 
 
+def sampler_name_of(sampler) -> str:
+    """The sampler's function name (sample_euler_ancestral), for the run's
+    noise-adding rules (session.config_for_sampler); "" where its options
+    switch the noise off (eta or s_noise 0, as ComfyUI's custom sampler
+    nodes can set), which makes it deterministic."""
+    options = getattr(sampler, "extra_options", None) or {}
+    if options.get("eta") == 0 or options.get("s_noise") == 0:
+        return ""
+    return getattr(getattr(sampler, "sampler_function", None), "__name__", "")
+
+
 def outer_sample_wrapper(executor, *args, **kwargs):
     guider = executor.class_obj
     original_options = guider.model_options
@@ -97,7 +108,7 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     # outer_sample(noise, latent_image, sampler, sigmas, ...)
     sigmas = kwargs.get("sigmas", args[3] if len(args) > 3 else None)
     sampler = kwargs.get("sampler", args[2] if len(args) > 2 else None)
-    sampler_name = getattr(getattr(sampler, "sampler_function", None), "__name__", "")
+    sampler_name = sampler_name_of(sampler)
     try:
         session, run_options = _start_session(guider, settings, sigmas, sampler_name)
     except Exception:

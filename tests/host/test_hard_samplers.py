@@ -350,3 +350,21 @@ def test_a_noise_adding_sampler_runs_at_a_speedup_target_or_says_why_it_predicts
     caplog.clear()
     run_logged(spec, model, rfc(nodes, model, **{**defaults, "threshold": 0.5}), nodes, sampler=sampler, steps=20)
     assert "target 2x" not in caplog.text and "used target_speedup" not in caplog.text
+
+
+def test_an_ancestral_sampler_with_its_noise_off_keeps_the_threshold(models, nodes, caplog):
+    """SamplerEulerAncestral with eta 0 adds no noise: the run is euler's, and
+    the threshold decides as it does there."""
+    import comfy.sample
+    import comfy.samplers
+
+    spec, model = FLUX_SPEC, models("flux")
+    caplog.set_level("INFO", logger="ComfyUI-RFC")
+    patched = rfc(nodes, model, threshold=0.1, max_skip=3, order=1, start_percent=0.0, end_percent=1.0)
+    shape = (1, *spec.latent_shape)
+    sampler = comfy.samplers.ksampler("euler_ancestral", {"eta": 0.0, "s_noise": 1.0})
+    sigmas = comfy.samplers.KSampler(model, 20, "cpu", "euler", "simple").sigmas
+    comfy.sample.sample_custom(patched, torch.randn(shape, generator=torch.Generator().manual_seed(0)), 1.0, sampler,
+                               sigmas, spec.conditioning(1, 1), spec.conditioning(1, 2), torch.zeros(shape),
+                               disable_pbar=True, seed=0)
+    assert "target 2x" not in caplog.text and "adds fresh noise" not in caplog.text

@@ -361,7 +361,8 @@ def node_definitions(nodes_module) -> dict:
 
 # What RFC Cache buys on each kind of run, for the notes (README "Recommended settings").
 FULL_STEPS = ("**RFC Cache sits right before the {where}**, after every other model patch. At {steps} steps "
-              "the defaults (threshold 0.1, max_skip 3) compute about {computed} of {steps} evaluations.")
+              "the defaults (threshold 0.1, max_skip 3) computed about {computed} of {steps} evaluations on the "
+              "pack's benchmark models; the node shows how many your run computed.")
 SPEED_LORA = ("The **{lora} switch** turns this into a {fast_steps}-step run at cfg 1. RFC Cache stays in the "
               "path but computes every step there: a run that short has nothing to spare (each step is a large "
               "jump, and the last one always computes). Leave it in, or bypass it (Ctrl+B) on that path.")
@@ -469,7 +470,7 @@ def flux2(w: Workflow, klein: bool):
         guider = g.add("BasicGuider", model=rfc(g, model),
                        conditioning=g.add("FluxGuidance", conditioning=prompt, guidance=cfg)["CONDITIONING"])
         fast = " " + SPEED_LORA.format(lora="Turbo LoRA", fast_steps=8).replace(
-            "computes every step there", "computes about 7 of 8 steps there")
+            "computes every step there", "computes about 6 of 8 steps there")
     sigmas = g.add("Flux2Scheduler", steps=steps_port if not klein else steps, width=1024, height=1024)["SIGMAS"]
     sampled = g.add("SamplerCustomAdvanced", noise=g.add("RandomNoise", noise_seed=42)["NOISE"],
                     guider=guider["GUIDER"], sampler=g.add("KSamplerSelect", sampler_name="euler")["SAMPLER"],
@@ -477,7 +478,7 @@ def flux2(w: Workflow, klein: bool):
                     latent_image=g.add("EmptyFlux2LatentImage", width=1024, height=1024, batch_size=1)["LATENT"])
     image_out(w, g, g.add("VAEDecode", samples=sampled["output"], vae=found["vae"])["IMAGE"],
               "RFC_flux2_klein" if klein else "RFC_flux2_dev")
-    return FULL_STEPS.format(where="guider", steps=steps, computed=8 if klein else 11) + fast
+    return FULL_STEPS.format(where="guider", steps=steps, computed=9 if klein else 11) + fast
 
 
 def flux2_klein_edit(w: Workflow):
@@ -506,7 +507,7 @@ def flux2_klein_edit(w: Workflow):
             "the reference tokens FluxKVCache drops after the first step). This distilled model runs 4 steps at "
             "cfg 1, and there RFC Cache computes every step: nothing to spare in so short a run. It is here for "
             "the Klein base model at 20 to 50 steps (set the steps and cfg up, and pick the base file), where it "
-            "computes about 8 of 20.")
+            "computes about 9 of 20 on the pack's benchmark models.")
 
 
 def z_image(w: Workflow, turbo: bool):
@@ -572,8 +573,9 @@ def qwen_image_edit(w: Workflow):
     sampled = ksampler(g, rfc(g, model), edit_text("turn the sofa's leather into soft grey fur", "Prompt"),
                        edit_text("", "Negative"), latent, steps, cfg)
     image_out(w, g, g.add("VAEDecode", samples=sampled, vae=found["vae"])["IMAGE"], "RFC_qwen_image_edit_2511")
-    return ("**RFC Cache sits right before the KSampler, after CFGNorm.** At 40 steps the defaults compute about "
-            "14 of 40 evaluations. " + SPEED_LORA.format(lora="Lightning LoRA", fast_steps=4))
+    return ("**RFC Cache sits right before the KSampler, after CFGNorm.** At 40 steps the defaults computed about "
+            "14 of 40 evaluations on the pack's benchmark models. " + SPEED_LORA.format(lora="Lightning LoRA",
+                                                                                         fast_steps=4))
 
 
 def wan22(w: Workflow, image_to_video: bool):
@@ -755,7 +757,7 @@ def minimax_h3(w: Workflow):
     video_out(w, g, g.add("VAEDecode", samples=sampled["output"], vae=found["vae"])["IMAGE"], 24.0,
               "video/RFC_minimax_h3")
     return ("**RFC Cache sits right before the guider.** MiniMax H3 is cached as whole model calls (its blocks see "
-            "packed tokens), at 30 steps about 11 of 30 computed. "
+            "packed tokens); not measured on trained weights, so read the count the node shows after a run. "
             + SPEED_LORA.format(lora="Turbo LoRA", fast_steps=8).replace(
                 "computes every step there", "computes about 6 of 8 there"))
 

@@ -147,6 +147,8 @@ class Graph:
         self.links: list[tuple] = []  # (id, origin, slot, target, slot, type)
         self.inputs: list[dict] = []  # subgraph inputs: name, type, links inside, the port outside
         self.outputs: list[dict] = []
+        # A subgraph's node in the root graph, once placed (Workflow.place).
+        self.instance: Node | None = None
 
     def add(self, type_: str, title: str | None = None, **given) -> Node:
         """A node; keyword arguments are widget values by name (missing ones
@@ -244,7 +246,7 @@ class Workflow:
         self._node_id = 0
         self._link_id = 0
         self.root = Graph(self)
-        self.subgraphs: list[tuple[Graph, Node | None]] = []
+        self.subgraphs: list[Graph] = []
 
     def next_node(self) -> int:
         self._node_id += 1
@@ -256,7 +258,7 @@ class Workflow:
 
     def subgraph(self, name: str) -> Graph:
         graph = Graph(self, name)
-        self.subgraphs.append((graph, None))
+        self.subgraphs.append(graph)
         return graph
 
     def place(self, graph: Graph) -> Node:
@@ -269,11 +271,11 @@ class Workflow:
         instance.outputs = [[entry["name"], entry["type"], []] for entry in graph.outputs]
         instance.size = [NODE_WIDTH, 46 + 24 * max(len(instance.inputs), len(instance.outputs), 1)]
         self.root.nodes.append(instance)
-        self.subgraphs = [(g, instance if g is graph else n) for g, n in self.subgraphs]
+        graph.instance = instance
         return instance
 
     def json(self) -> dict:
-        for graph, _ in self.subgraphs:
+        for graph in self.subgraphs:
             graph.lay_out()
         notes = [node for node in self.root.nodes if node.type in FRONT_END_ONLY]
         self.root.lay_out(left=0)
@@ -281,7 +283,8 @@ class Workflow:
         for number, note in enumerate(notes):
             note.pos = [number * (note.size[0] + GAP), -note.size[1] - 2 * GAP]
         definitions = []
-        for graph, instance in self.subgraphs:
+        for graph in self.subgraphs:
+            instance = graph.instance
             left, top, right, bottom = graph.bounds()
             definitions.append({
                 "id": instance.type, "version": 1,
@@ -380,12 +383,11 @@ def rfc(graph: Graph, model: Port, threshold: float = 0.1, max_skip: int = 3) ->
     return graph.add("RFCCache", model=model, threshold=threshold, max_skip=max_skip)["MODEL"]
 
 
-def speed_lora_switch(graph: Graph, model: Port, lora: str, strength: float = 1.0) -> tuple[Port, Node]:
+def speed_lora_switch(graph: Graph, model: Port, lora: str, strength: float = 1.0) -> Port:
     """The templates' turbo path: the model through a speed LoRA, or not, behind a switch (off)."""
     with_lora = graph.add("LoraLoaderModelOnly", model=model, lora_name=lora, strength_model=strength)
-    switch = graph.add("ComfySwitchNode", title="Switch (speed LoRA)", switch=False, on_false=model,
-                       on_true=with_lora["MODEL"])
-    return switch["output"], switch
+    return graph.add("ComfySwitchNode", title="Switch (speed LoRA)", switch=False, on_false=model,
+                     on_true=with_lora["MODEL"])["output"]
 
 
 def switched_number(graph: Graph, kind: str, full, fast, switch_title: str) -> Port:
@@ -465,7 +467,7 @@ def flux2(w: Workflow, klein: bool):
                        negative=text(g, found["clip"], "", "Negative"), cfg=cfg)
         fast = ""
     else:
-        model, _ = speed_lora_switch(g, model, "Flux_2-Turbo-LoRA_comfyui.safetensors")
+        model = speed_lora_switch(g, model, "Flux_2-Turbo-LoRA_comfyui.safetensors")
         steps_port = switched_number(g, "INT", steps, 8, "Switch (steps)")
         guider = g.add("BasicGuider", model=rfc(g, model),
                        conditioning=g.add("FluxGuidance", conditioning=prompt, guidance=cfg)["CONDITIONING"])
@@ -536,7 +538,7 @@ def qwen_image(w: Workflow):
     g = w.subgraph("Text to Image (Qwen-Image)")
     found = loaders(g, unet="qwen_image_fp8_e4m3fn.safetensors", clip="qwen_2.5_vl_7b_fp8_scaled.safetensors",
                     clip_type="qwen_image", vae="qwen_image_vae.safetensors")
-    model, _ = speed_lora_switch(g, found["model"], "Qwen-Image-Lightning-8steps-V1.0.safetensors")
+    model = speed_lora_switch(g, found["model"], "Qwen-Image-Lightning-8steps-V1.0.safetensors")
     model = g.add("ModelSamplingAuraFlow", model=model, shift=3.1)["MODEL"]
     steps = switched_number(g, "INT", 20, 8, "Switch (steps)")
     cfg = switched_number(g, "FLOAT", 2.5, 1.0, "Switch (cfg)")
@@ -556,7 +558,7 @@ def qwen_image_edit(w: Workflow):
     g = w.subgraph("Image Edit (Qwen-Image-Edit-2511)")
     found = loaders(g, unet="qwen_image_edit_2511_bf16.safetensors", clip="qwen_2.5_vl_7b_fp8_scaled.safetensors",
                     clip_type="qwen_image", vae="qwen_image_vae.safetensors")
-    model, _ = speed_lora_switch(g, found["model"], "Qwen-Image-Edit-2511-Lightning-4steps-V1.0-bf16.safetensors")
+    model = speed_lora_switch(g, found["model"], "Qwen-Image-Edit-2511-Lightning-4steps-V1.0-bf16.safetensors")
     model = g.add("CFGNorm", model=g.add("ModelSamplingAuraFlow", model=model, shift=3.1)["MODEL"],
                   strength=1.0)["patched_model"]
     scaled = g.add("FluxKontextImageScale", image=g.input("image", image["IMAGE"]))["IMAGE"]
@@ -590,7 +592,7 @@ def wan22(w: Workflow, image_to_video: bool):
     for noise in ("high", "low"):
         model = g.add("UNETLoader", unet_name=f"wan2.2_{kind}_{noise}_noise_14B_fp8_scaled.safetensors",
                       weight_dtype="default")["MODEL"]
-        model, _ = speed_lora_switch(g, model, f"wan2.2_{kind}_lightx2v_4steps_lora_{lora_version}_{noise}"
+        model = speed_lora_switch(g, model, f"wan2.2_{kind}_lightx2v_4steps_lora_{lora_version}_{noise}"
                                                f"_noise.safetensors")
         model = g.add("ModelSamplingSD3", model=model, shift=5.0 if image_to_video else 8.0)["MODEL"]
         experts.append(rfc(g, model))
@@ -626,7 +628,7 @@ def wan21_vace(w: Workflow):
     g = w.subgraph("Text to Video (Wan 2.1 VACE 14B)")
     found = loaders(g, unet="wan2.1_vace_14B_fp16.safetensors", clip="umt5_xxl_fp8_e4m3fn_scaled.safetensors",
                     clip_type="wan", vae="wan_2.1_vae.safetensors")
-    model, _ = speed_lora_switch(g, found["model"], "Wan21_CausVid_14B_T2V_lora_rank32.safetensors", 0.7)
+    model = speed_lora_switch(g, found["model"], "Wan21_CausVid_14B_T2V_lora_rank32.safetensors", 0.7)
     model = g.add("ModelSamplingSD3", model=model, shift=8.0)["MODEL"]
     positive = text(g, found["clip"], "a paper boat drifting down a rain-soaked city gutter, macro lens, "
                                       "reflections of shop lights", "Prompt")
@@ -689,7 +691,7 @@ def ltx2(w: Workflow, image_to_video: bool):
     audio_vae = g.add("LTXVAudioVAELoader", ckpt_name=checkpoint)["Audio VAE"]
     model = ckpt["MODEL"]
     if image_to_video:
-        model, _ = speed_lora_switch(g, model, "ltx-2.3-22b-distilled-lora-384.safetensors", 0.6)
+        model = speed_lora_switch(g, model, "ltx-2.3-22b-distilled-lora-384.safetensors", 0.6)
     model = rfc(g, model)
     conditioned = g.add("LTXVConditioning", positive=text(g, clip, "a lighthouse keeper climbs the spiral stairs, "
                                                                   "wind howling outside, lantern light", "Prompt"),
@@ -743,7 +745,7 @@ def minimax_h3(w: Workflow):
     found = loaders(g, unet="minimax_h3_fl2va_pruned_int8_convrot.safetensors",
                     clip="qwen3vl_32b_minimax_h3_nvfp4_awq.safetensors", clip_type="minimax",
                     vae="minimax_h3_video_vae_int8_convrot.safetensors")
-    model, _ = speed_lora_switch(g, found["model"], "minimax_h3_fl2v_turbo_8step_v1.0_comfyui_bf16.safetensors")
+    model = speed_lora_switch(g, found["model"], "minimax_h3_fl2v_turbo_8step_v1.0_comfyui_bf16.safetensors")
     conditioned = g.add("MiniMaxH3ImageToVideo", clip=found["clip"], vae=found["vae"],
                         prompt="a glass of iced tea on a sunny balcony, condensation running down, slow push in",
                         width=1344, height=768, length=124)

@@ -4,11 +4,14 @@ updates, and how to get the block's cheap module input."""
 
 from __future__ import annotations
 
+import logging
 import weakref
 from dataclasses import dataclass
 from typing import Hashable
 
 import torch
+
+logger = logging.getLogger("ComfyUI-RFC")
 
 # The block is reached through ComfyUI's `patches_replace["dit"][(kind, index)]`.
 REPLACE = "replace"
@@ -97,17 +100,50 @@ def sample_of(full: torch.Tensor, tokens_step: int, channels_step: int) -> torch
     return full[:, ::tokens_step][..., ::channels_step]
 
 
-def reads_weights_directly(layer, like: torch.Tensor) -> bool:
-    """Whether a linear layer's weight can be sliced and used as it is: an
-    ordinary Linear whose weight already has the input's dtype and device.
-    ComfyUI casts or patches other weights on every call (fp8 weights,
-    low-VRAM offloading, LoRA applied on the fly); those go through the
-    layer itself."""
-    weight = getattr(layer, "weight", None)
-    return (isinstance(layer, torch.nn.Linear) and isinstance(weight, torch.Tensor)
-            and type(weight.data) is torch.Tensor and weight.dtype == like.dtype and weight.device == like.device
-            and not getattr(layer, "comfy_cast_weights", False)
-            and not getattr(layer, "weight_function", None) and not getattr(layer, "bias_function", None))
+def weight_rows(layer, rows: slice, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None] | str:
+    """Rows of a linear layer's weight and bias as the layer itself computes
+    with them, as plain tensors in the input's dtype and device; or, where
+    they cannot be had that way, the reason. Made once per run, so a
+    quantized weight is dequantized once here instead of the layer running
+    its whole matmul on every model call.
+
+    - plain weights (ComfyUI's cast and offloaded layers, and layers kept in
+      full precision inside a quantized file): the rows, cast;
+    - a layer with ComfyUI's `convert_weight` (the hook its LoRA patching
+      uses to turn a stored weight into a float one): legacy scaled fp8
+      multiplies by its scale, `comfy_quant` layouts (fp8, int8 tensorwise
+      with or without convrot, ...) dequantize through their own code;
+    - ComfyUI-GGUF's layers: their own `get_weight`, which dequantizes the
+      GGML blocks and applies the patches that pack keeps on the tensor."""
+    weight, bias = getattr(layer, "weight", None), getattr(layer, "bias", None)
+    if not isinstance(weight, torch.Tensor):
+        return "it has no weight tensor"
+    if getattr(layer, "weight_function", None) or getattr(layer, "bias_function", None):
+        return "a LoRA or hook is applied to it on the fly"
+    if weight.device.type == "meta":
+        return "its weight is not loaded (meta device)"
+    if hasattr(weight, "tensor_type") and callable(getattr(layer, "get_weight", None)):
+        dense = layer.get_weight(weight.to(like.device), like.dtype)[rows]
+        bias = None if bias is None else layer.get_weight(bias.to(like.device), like.dtype)[rows]
+    else:
+        plain = type(weight.data) is torch.Tensor
+        convert = getattr(layer, "convert_weight", None)
+        if plain:
+            dense = weight[rows].to(like.device, torch.float32 if callable(convert) else like.dtype)
+            if callable(convert):
+                dense = convert(dense)
+        elif callable(convert):
+            dense = convert(weight)[rows]
+        else:
+            return f"its weight is a {type(weight.data).__name__}, whose rows it cannot read"
+        if bias is not None:
+            bias = bias[rows]
+    if type(dense) is not torch.Tensor and type(getattr(dense, "data", None)) is not torch.Tensor:
+        return f"its weight converts to a {type(dense).__name__}, whose rows it cannot read"
+    if bias is not None and type(bias.data) is not torch.Tensor:
+        return f"its bias is a {type(bias.data).__name__}"
+    return (dense.to(like.device, like.dtype),
+            None if bias is None else bias.to(like.device, like.dtype))
 
 
 # Transformer options that a guidance node sets for an extra pass of its own,
@@ -168,9 +204,11 @@ class SampledRows:
     run needs it, dropped when the run ends (BlockAdapter.end_run): its copy
     of those rows (1/18 of the modulation weights at FLUX.1-dev size) lives
     as long as the run. A LoRA or hook that replaces a block's modulation
-    parameters makes it rebuild."""
+    parameters, or starts patching them on the fly, makes it rebuild."""
 
-    def __init__(self, layers: dict, stride: int, chunks: int, gain_from: int, width: int, activate: bool = True):
+    def __init__(self, layers: dict, rows: dict, chunks: int, gain_from: int, activate: bool = True):
+        """layers: the modulation linears by block key; rows: their
+        (weight rows, bias rows) from weight_rows."""
         self.layers = layers
         self.chunks = chunks
         # Whether the linear takes silu of the conditioning (most adaLN) or
@@ -179,10 +217,8 @@ class SampledRows:
         self.parameters = {key: (layer.weight, layer.bias) for key, layer in layers.items()}
         weights, biases, self.rows = [], [], {}
         start = 0
-        for key, layer in layers.items():
-            rows = slice(0, chunks * width, stride)
-            weight = layer.weight[rows]
-            bias = layer.bias[rows].clone() if layer.bias is not None else weight.new_zeros(weight.shape[0])
+        for key, (weight, bias) in rows.items():
+            bias = bias.clone() if bias is not None else weight.new_zeros(weight.shape[0])
             bias[gain_from * bias.shape[0] // chunks:] += 1
             weights.append(weight)
             biases.append(bias)
@@ -198,7 +234,7 @@ class SampledRows:
         """Whether every block still has the parameters stacked: checked once
         per model call (a new conditioning tensor), not once per block."""
         if self._checked is None or self._checked[0] is not conditioning:
-            current = all(layer.weight is weight and layer.bias is bias
+            current = all(layer.weight is weight and layer.bias is bias and not getattr(layer, "weight_function", None)
                           for (weight, bias), layer in zip(self.parameters.values(), self.layers.values()))
             self._checked = (conditioning, current)
         return self._checked[1]
@@ -215,6 +251,18 @@ class SampledRows:
         self.prepare(conditioning)
         start, end = self.rows[key]
         return self._last[1][:, start:end].chunk(self.chunks, dim=-1)
+
+
+_rows_unreadable_said: set = set()
+
+
+def _log_rows_unreadable_once(family: str, layer_type: str, reason: str) -> None:
+    """Sampled module inputs then go through each block's modulation layer:
+    exact, only dearer. Said once per family, layer type and reason."""
+    if (family, layer_type, reason) not in _rows_unreadable_said:
+        _rows_unreadable_said.add((family, layer_type, reason))
+        logger.debug("%s: sampled module inputs run each block's modulation layer (%s): %s",
+                     family, layer_type, reason)
 
 
 def blocks_of(container) -> list[torch.nn.Module]:
@@ -325,14 +373,16 @@ class BlockAdapter:
         stacks = self.__dict__.setdefault("_sampled_rows", weakref.WeakKeyDictionary())
         stack = stacks.get(diffusion_model, False)
         if stack is False or (stack is not None and not stack.is_current_for(conditioning)):
-            layers = {}
+            layers, rows, sampled = {}, {}, slice(0, chunks * width, stride)
             for kind, index in self.block_keys(diffusion_model):
                 layer = self.modulation_linear(diffusion_model, kind, index)
-                if not reads_weights_directly(layer, conditioning):
+                found = weight_rows(layer, sampled, conditioning)
+                if isinstance(found, str):
+                    _log_rows_unreadable_once(self.family, type(layer).__name__, found)
                     layers = None
                     break
-                layers[(kind, index)] = layer
-            stack = stacks[diffusion_model] = (SampledRows(layers, stride, chunks, gain_from, width, activate)
+                layers[(kind, index)], rows[(kind, index)] = layer, found
+            stack = stacks[diffusion_model] = (SampledRows(layers, rows, chunks, gain_from, activate)
                                                if layers else None)
         return stack
 

@@ -23,6 +23,8 @@ from torch import nn
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 BUNDLED_WEIGHTS = ASSETS / "tiny_flux_skimage.safetensors"
+# Its few-step student (benchmarks.train_tiny_models --distil), sampled at cfg 1.
+DISTILLED_WEIGHTS = ASSETS / "tiny_flux_distilled.safetensors"
 # Keys of the label "text encoder": stored beside the Flux weights, outside
 # the Flux namespace so ComfyUI's Flux class never sees them.
 LABEL_TOKENS_KEY = "labels.tokens"

@@ -11,6 +11,21 @@ most about 30 minutes on 2 CPU cores:
     python -m benchmarks.train_tiny_models --model flux      # train, save, draw the sample grid
     python -m benchmarks.train_tiny_models --model nextdit
     python -m benchmarks.train_tiny_models --model nextdit --grid-only  # redraw the grid from the saved weights
+    python -m benchmarks.train_tiny_models --model flux --distil  # the few-step student of the trained model
+
+Distillation (`--distil`) makes the few-step model that 2026's turbo and
+lightning checkpoints stand for: multi-step trajectory distillation (the
+student learns, from a point on the teacher's sampling path, the straight
+step to the teacher's point one coarse step later, as Luhman & Luhman's
+one-step distillation does for a single step), with the teacher's guidance
+folded in so the student runs at cfg 1. Why this recipe: it needs nothing
+but the teacher's own ODE paths, which 2 CPU cores make in minutes, trains
+the student for exactly the grids users sample it on, and it is how
+step-distilled flow models are commonly bootstrapped. Its coarse steps are
+those of 8, 6, 4, 3 and 2 steps on the model's own schedule, all on one
+48-step teacher path, so plain sampling with fewer steps is as good as the
+student can make it: the baseline caching is compared against is not
+handicapped.
 """
 
 from __future__ import annotations
@@ -29,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .tiny_flux import (BUNDLED_WEIGHTS, LABEL_POOLED_KEY, LABEL_TOKENS_KEY, TinyFlux, flux_sigmas,
+from .tiny_flux import (BUNDLED_WEIGHTS, DISTILLED_WEIGHTS, LABEL_POOLED_KEY, LABEL_TOKENS_KEY, TinyFlux, flux_sigmas,
                         latent_to_pixels, load_bundled, pixels_to_latent)
 from .tiny_nextdit import BUNDLED_NEXTDIT_WEIGHTS, TinyNextDiT, load_bundled_nextdit, shifted_flow_sigmas
 
@@ -73,16 +88,20 @@ class Recipe:
     pooled: bool  # whether the label encoder has a pooled vector
     label_width: int  # width of the label tokens (and pooled vector): the model's text input
     steps: int  # training steps at batch 96: each model trains in under 30 minutes on 2 CPU cores
+    distilled: Path  # where --distil writes the few-step student
+    distilled_grid: Path
 
 
 RECIPES = {
     "flux": Recipe(FLUX_CONFIG, "flux_config", TinyFlux, lambda m, x, s, t, p: m(x, s, t, p), BUNDLED_WEIGHTS,
                    load_bundled, flux_sigmas, DOCS / "tiny_flux_samples.png", True,
-                   FLUX_CONFIG["context_in_dim"], 2000),
+                   FLUX_CONFIG["context_in_dim"], 2000, DISTILLED_WEIGHTS, DOCS / "tiny_flux_distilled_samples.png"),
     "nextdit": Recipe(NEXTDIT_CONFIG, "nextdit_config", TinyNextDiT, lambda m, x, s, t, p: m(x, s, t),
                       BUNDLED_NEXTDIT_WEIGHTS, load_bundled_nextdit, shifted_flow_sigmas,
                       DOCS / "tiny_nextdit_samples.png", False,
-                      NEXTDIT_CONFIG["cap_feat_dim"], 1600),
+                      NEXTDIT_CONFIG["cap_feat_dim"], 1600,
+                      BUNDLED_NEXTDIT_WEIGHTS.with_name("tiny_nextdit_distilled.safetensors"),
+                      DOCS / "tiny_nextdit_distilled_samples.png"),
 }
 
 
@@ -197,7 +216,96 @@ def train(recipe: Recipe, args) -> None:
     save(recipe, ema_model, ema_labels, args, time.perf_counter() - start)
 
 
-def save(recipe: Recipe, model: nn.Module, labels: LabelEmbedding, args, seconds: float) -> None:
+# The teacher's path: TEACHER_STEPS Euler steps at cfg TEACHER_CFG (its sample
+# grid's guidance) on the model's schedule. The student learns the coarse
+# steps of every step count here: their grids lie on that path (to the 1e-4
+# in t that ComfyUI's integer timestep table rounds them by).
+TEACHER_STEPS = 48
+TEACHER_CFG = 3.0
+DISTIL_STEPS = 700  # at batch 96, with the teacher's paths: under 30 minutes on 2 CPU cores
+DISTIL_LR = 3e-4
+STUDENT_STEP_COUNTS = {8: 0.35, 6: 0.2, 4: 0.25, 3: 0.1, 2: 0.1}  # step count: share of training samples
+
+
+@torch.no_grad()
+def teacher_paths(recipe: Recipe, model: nn.Module, labels: LabelEmbedding, count: int, batch: int,
+                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(count, TEACHER_STEPS + 1, C, H, W) points of the teacher's guided
+    Euler paths from seeded noise, and each path's class label."""
+    sigmas = recipe.sigmas(TEACHER_STEPS)
+    empty = labels.tokens.shape[0] - 1
+    paths, classes = [], []
+    start = time.perf_counter()
+    for first in range(0, count, batch):
+        label = torch.randint(empty, (min(batch, count - first),), generator=generator)
+        both = torch.cat([label, torch.full_like(label, empty)])
+        tokens, pooled = labels.tokens[both], labels.pooled[both]
+        x = torch.randn(len(label), recipe.config["in_channels"], IMAGE_SIZE // 2, IMAGE_SIZE // 2,
+                        generator=generator)
+        points = [x]
+        for i in range(TEACHER_STEPS):
+            cond, uncond = recipe.call(model, torch.cat([x, x]), sigmas[i].repeat(2 * len(label)), tokens,
+                                       pooled).chunk(2)
+            x = x + (sigmas[i + 1] - sigmas[i]) * (uncond + TEACHER_CFG * (cond - uncond))
+            points.append(x)
+        paths.append(torch.stack(points, dim=1))
+        classes.append(label)
+        logger.info("teacher paths %d/%d %.0fs", first + len(label), count, time.perf_counter() - start)
+    return torch.cat(paths), torch.cat(classes)
+
+
+def distil(recipe: Recipe, args) -> None:
+    torch.manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    teacher, encoder, _ = recipe.load()
+    labels = LabelEmbedding(len(CLASS_NAMES), recipe.label_width)
+    with torch.no_grad():
+        labels.tokens.copy_(encoder.tokens)
+        if recipe.pooled:
+            labels.pooled.copy_(encoder.pooled)
+    start = time.perf_counter()
+    paths, path_labels = teacher_paths(recipe, teacher, labels, args.paths, 96, generator)
+    sigmas = recipe.sigmas(TEACHER_STEPS)
+    student = teacher.train().requires_grad_(True)
+    parameters = list(student.parameters()) + list(labels.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.0)
+    ema_model, ema_labels = copy.deepcopy(student).requires_grad_(False), copy.deepcopy(labels).requires_grad_(False)
+    counts = torch.tensor(list(STUDENT_STEP_COUNTS))
+    shares = torch.tensor(list(STUDENT_STEP_COUNTS.values()))
+    for step in range(1, args.steps + 1):
+        lr = args.lr * min(1.0, step / 20) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        path = torch.randint(len(paths), (args.batch,), generator=generator)
+        stride = TEACHER_STEPS // counts[torch.multinomial(shares, args.batch, replacement=True, generator=generator)]
+        begin = (torch.rand(args.batch, generator=generator) * (TEACHER_STEPS // stride)).long() * stride
+        end = begin + stride
+        x_begin, x_end = paths[path, begin], paths[path, end]
+        sigma_begin, sigma_end = sigmas[begin], sigmas[end]
+        # The straight step from x_begin to the teacher's x_end, as a velocity.
+        target = (x_end - x_begin) / (sigma_end - sigma_begin)[:, None, None, None]
+        label = path_labels[path]
+        tokens, pooled = labels.tokens[label], labels.pooled[label]
+        loss = F.mse_loss(recipe.call(student, x_begin, sigma_begin, tokens, pooled), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for ema_p, p in zip(list(ema_model.parameters()) + list(ema_labels.parameters()), parameters):
+                ema_p.lerp_(p, 1 - decay)
+        if step % 25 == 0 or step == 1:
+            logger.info("distil step %d/%d loss %.4f lr %.2e %.0fs", step, args.steps, loss.item(), lr,
+                        time.perf_counter() - start)
+    training = {"recipe": "multi-step trajectory distillation, guidance folded in",
+                "teacher": recipe.weights.name, "teacher_steps": TEACHER_STEPS, "teacher_cfg": TEACHER_CFG,
+                "student_step_counts": STUDENT_STEP_COUNTS, "paths": args.paths}
+    save(recipe, ema_model.eval(), ema_labels, args, time.perf_counter() - start, recipe.distilled, training)
+
+
+def save(recipe: Recipe, model: nn.Module, labels: LabelEmbedding, args, seconds: float, path: Path | None = None,
+         training: dict | None = None) -> None:
     from safetensors.torch import save_file
 
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
@@ -207,14 +315,15 @@ def save(recipe: Recipe, model: nn.Module, labels: LabelEmbedding, args, seconds
     metadata = {
         recipe.config_key: json.dumps(recipe.config),
         "labels": json.dumps(CLASS_NAMES),
-        "training": json.dumps({"steps": args.steps, "batch": args.batch, "lr": args.lr, "seed": args.seed,
-                                "label_dropout": args.label_dropout, "ema": args.ema,
+        "training": json.dumps({**(training or {"label_dropout": args.label_dropout}), "steps": args.steps,
+                                "batch": args.batch, "lr": args.lr, "seed": args.seed, "ema": args.ema,
                                 "seconds": round(seconds)}),
         "latent": "pixel_unshuffle(rgb in [-1, 1], 2): 12 channels at half resolution",
     }
-    recipe.weights.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(recipe.weights), metadata=metadata)
-    logger.info("saved %s (%.1f MB)", recipe.weights, recipe.weights.stat().st_size / 1e6)
+    path = path or recipe.weights
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path), metadata=metadata)
+    logger.info("saved %s (%.1f MB)", path, path.stat().st_size / 1e6)
 
 
 @torch.no_grad()
@@ -246,20 +355,80 @@ def sample_grid(recipe: Recipe, steps: int = 40, cfg: float = 3.0, per_class: in
     return recipe.grid
 
 
+@torch.no_grad()
+def guided_samples(recipe: Recipe, model, encoder, label: torch.Tensor, noise: torch.Tensor, steps: int,
+                   cfg: float) -> torch.Tensor:
+    """Euler on the model's schedule; at cfg 1 only the conditional pass runs."""
+    sigmas = recipe.sigmas(steps)
+    x = noise
+    both = label if cfg == 1 else torch.cat([label, torch.full_like(label, encoder.empty)])
+    tokens, pooled = encoder(both)
+    for i in range(steps):
+        output = recipe.call(model, x if cfg == 1 else torch.cat([x, x]), sigmas[i].repeat(len(both)), tokens, pooled)
+        if cfg != 1:
+            cond, uncond = output.chunk(2)
+            output = uncond + cfg * (cond - uncond)
+        x = x + (sigmas[i + 1] - sigmas[i]) * output
+    return latent_to_pixels(x)
+
+
+def distilled_grid(recipe: Recipe, per_class: int = 4) -> Path:
+    """Rows: classes; columns: the teacher at 50 steps and cfg 3, then the
+    student at 8 and at 4 steps and cfg 1, on the same seeds. Logs how close
+    the student gets to its teacher (PSNR), next to the teacher's own 8 and 4 steps."""
+    from PIL import Image
+
+    from .metrics import psnr
+
+    teacher, encoder, _ = recipe.load()
+    student, student_encoder, _ = recipe.load(recipe.distilled)
+    classes = len(encoder.names)
+    label = torch.arange(classes).repeat_interleave(per_class)
+    noise = torch.randn(len(label), recipe.config["in_channels"], IMAGE_SIZE // 2, IMAGE_SIZE // 2,
+                        generator=torch.Generator().manual_seed(1234))
+    reference = guided_samples(recipe, teacher, encoder, label, noise, 50, TEACHER_CFG)
+    columns = [reference]
+    for steps in (8, 4):
+        images = guided_samples(recipe, student, student_encoder, label, noise, steps, 1.0)
+        columns.append(images)
+        teacher_few = guided_samples(recipe, teacher, encoder, label, noise, steps, TEACHER_CFG)
+        logger.info("%d steps against the teacher at 50: student %.2f dB, teacher %.2f dB", steps,
+                    psnr(images, reference), psnr(teacher_few, reference))
+    grid = torch.cat([c.reshape(classes, per_class, 3, IMAGE_SIZE, IMAGE_SIZE) for c in columns], dim=1)
+    rows = [torch.cat(list(row), dim=2) for row in grid]
+    image = torch.cat(rows, dim=1).permute(1, 2, 0).clamp(0, 1).mul(255).round().byte().numpy()
+    recipe.distilled_grid.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).resize((image.shape[1] * 2, image.shape[0] * 2), Image.NEAREST).save(recipe.distilled_grid)
+    logger.info("sample grid: %s", recipe.distilled_grid)
+    return recipe.distilled_grid
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(RECIPES), default="flux")
     parser.add_argument("--steps", type=int, help="default: the model's own (Recipe.steps)")
     parser.add_argument("--batch", type=int, default=96)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, help="default: 1e-3, with --distil DISTIL_LR")
     parser.add_argument("--label-dropout", type=float, default=0.15)
-    parser.add_argument("--ema", type=float, default=0.999)
+    parser.add_argument("--ema", type=float, help="default: 0.999, with --distil 0.995")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--grid-only", action="store_true")
+    parser.add_argument("--distil", action="store_true", help="train the few-step student of the saved model")
+    parser.add_argument("--paths", type=int, default=1152, help="--distil: teacher paths to learn from")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     recipe = RECIPES[args.model]
+    if args.distil:
+        args.steps = args.steps or DISTIL_STEPS
+        args.lr = DISTIL_LR if args.lr is None else args.lr
+        args.ema = 0.995 if args.ema is None else args.ema
+        if not args.grid_only:
+            distil(recipe, args)
+        distilled_grid(recipe)
+        return
     args.steps = args.steps or recipe.steps
+    args.lr = 1e-3 if args.lr is None else args.lr
+    args.ema = 0.999 if args.ema is None else args.ema
     if not args.grid_only:
         train(recipe, args)
     sample_grid(recipe)

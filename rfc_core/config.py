@@ -25,6 +25,7 @@ RANGES = {
     "start_percent": (0.0, 1.0),
     "end_percent": (0.0, 1.0),
     "target_speedup": (0.0, 20.0),
+    "computed_head": (0.0, 1.0),
 }
 
 
@@ -51,6 +52,12 @@ class CacheConfig:
         (rfc_core.budget); only with the rcs scheduler.
     cache_device / cache_dtype: where, and in what dtype, cached features
         are kept (CACHE_DEVICES, CACHE_DTYPES).
+    computed_head: the share of the blocks, from the first, that every
+        evaluation computes, predicted ones too: in a predicted evaluation
+        only the blocks after them are forecast, from the hidden state the
+        computed ones hand on. Spends compute below whole evaluations, which
+        few-step runs need (each step is a large jump); 0 predicts whole
+        evaluations. Block granularity only.
     """
 
     threshold: float = 0.1
@@ -64,6 +71,7 @@ class CacheConfig:
     target_speedup: float = 0.0
     cache_device: str = "auto"
     cache_dtype: str = "auto"
+    computed_head: float = 0.0
 
     def __post_init__(self):
         for widget in RANGES:
@@ -121,6 +129,8 @@ class CacheConfig:
             rule = f"threshold {self.threshold}"
         else:
             rule = f"interval {self.interval}"
+        if self.computed_head:
+            rule += f", first {self.computed_head:.0%} of blocks always computed"
         storage = f"cache on {self.cache_device}" + ("" if self.cache_dtype == "auto" else f" in {self.cache_dtype}")
         return (f"{self.estimator} + {self.scheduler} (order {self.order}, {rule}, max_skip {self.max_skip}, "
                 f"{storage})")

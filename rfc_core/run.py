@@ -51,6 +51,9 @@ class Evaluation:
     # Blocks (or model calls) computed in it: in a predicted evaluation, those
     # with nothing to predict from (a conditioning new to the run).
     computed_modules: int = 0
+    # Blocks of the computed head (CacheConfig.computed_head) a predicted
+    # evaluation computed, as planned: it still counts as predicted.
+    head_modules: int = 0
 
     @property
     def counts_as_computed(self) -> bool:
@@ -73,7 +76,8 @@ class ChunkCache:
 class RFCRun:
     def __init__(self, config: CacheConfig, first_module: Hashable,
                  skip_window: tuple[float, float] | None = None, schedule: Sequence[float] | None = None,
-                 storage: FeatureStorage | None = None, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 storage: FeatureStorage | None = None, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 head_blocks: frozenset = frozenset()):
         """skip_window: (highest, lowest) sigma; evaluations with
         lowest < sigma <= highest may be skipped. None allows every sigma.
         schedule: the run's sigmas, the last one where sampling ends; read
@@ -82,8 +86,11 @@ class RFCRun:
         the tokens, a function returning the sum of a tensor over the ranks
         (an all-reduce). The forecast error's two sums and every norm RFE
         takes are then global, so every rank takes the same decisions and
-        the same relational steps as one unsplit run would."""
+        the same relational steps as one unsplit run would.
+        head_blocks: the block keys (kind, index) every evaluation computes
+        (CacheConfig.computed_head), predicted evaluations included."""
         self.config = config
+        self.head_blocks = head_blocks
         self.first_module = first_module
         self.skip_window = skip_window
         steps = [float(s) for s in schedule][:-1] if schedule is not None else []
@@ -168,8 +175,13 @@ class RFCRun:
                 self._read_pending_sigma()
         return self.current.sigma
 
-    def count_module(self, predicted: bool) -> None:
-        """Count a module (block or model call) that was predicted or computed."""
+    def in_head(self, module_key: Hashable) -> bool:
+        """Whether the module belongs to a block of the computed head."""
+        return isinstance(module_key, tuple) and module_key[:2] in self.head_blocks
+
+    def count_module(self, predicted: bool, head: bool = False) -> None:
+        """Count a module (block or model call) that was predicted or
+        computed; head: a computed head block (in_head)."""
         with self._lock:
             if predicted:
                 self.modules_predicted += 1
@@ -178,6 +190,9 @@ class RFCRun:
             self.modules_computed += 1
             evaluation = self.current
             if evaluation is None:
+                return
+            if head and not evaluation.computed:
+                evaluation.head_modules += 1
                 return
             if not evaluation.computed and evaluation.computed_modules == 0:
                 evaluation.reason += "; blocks with nothing to predict from were computed"
@@ -353,6 +368,8 @@ class RFCRun:
             with self._lock:
                 if self._skip is None:
                     self._settle(self._decide_skip(chunk, module_input))
+        if self.in_head(module_key):
+            return False
         estimator = chunk.modules.get(module_key)
         return bool(self._skip) and estimator is not None and estimator.ready
 
@@ -423,7 +440,7 @@ class RFCRun:
                module_input: torch.Tensor | None, residual) -> None:
         """Count a computed module and store its residual (`store`). With
         `predict`, the interface for callers that count nothing themselves."""
-        self.count_module(predicted=False)
+        self.count_module(predicted=False, head=self.in_head(module_key))
         self.store(chunk_key, module_key, module_input, residual)
 
     @torch.no_grad()
@@ -527,8 +544,16 @@ class RFCRun:
         if self.config.target_speedup:
             rounded = self.rounded_target()
             target = f", target {self.config.target_speedup:g}x" + (f": {rounded}" if rounded else "")
+        head = ""
+        head_calls = sum(e.head_modules for e in self.evaluations)
+        if head_calls:
+            # Predicted evaluations computed their head: the share of block
+            # calls is what the run cost, not the evaluations predicted.
+            share = self.modules_computed / max(1, self.modules_computed + self.modules_predicted)
+            head = (f" ({head_calls} of them in the head that predicted evaluations compute: "
+                    f"{share:.0%} of the block calls)")
         return (f"computed {self.computed_evaluations} of {len(self.evaluations)} model evaluations "
-                f"({self.speedup:.1f}x fewer{target}); block calls computed {self.modules_computed}, "
+                f"({self.speedup:.1f}x fewer{target}); block calls computed {self.modules_computed}{head}, "
                 f"predicted {self.modules_predicted}; cache peak {format_bytes(self.peak_bytes)} "
                 f"on {self.storage.describe()}")
 

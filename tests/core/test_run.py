@@ -230,3 +230,24 @@ def test_a_run_the_threshold_let_predict_nothing_says_so_with_its_errors():
     smooth = RFCRun(config, first_module=FIRST)
     drive(smooth, sigmas, [torch.full((1, 64), 1 + s) for s in sigmas])
     assert smooth.computed_evaluations < 20 and smooth.why_nothing_was_predicted() is None
+
+
+def test_a_computed_head_runs_in_predicted_evaluations_and_only_the_rest_is_predicted():
+    """computed_head: the head blocks run in every evaluation; a predicted
+    evaluation forecasts the blocks after them, and still counts as predicted."""
+    modules = [("block", index) for index in range(6)]
+    config = CacheConfig(threshold=10.0, max_skip=1, order=1, computed_head=1 / 3)
+    run = RFCRun(config, first_module=modules[0], head_blocks=frozenset(modules[:2]))
+    sigmas = [1 - i / 8 for i in range(8)]
+    computed, real_calls = drive(run, sigmas, [torch.full((1, 4), 1 + s) for s in sigmas], modules)
+    assert computed == [True, False, True, False, True, False, True, False]
+    assert real_calls == 4 * 6 + 4 * 2
+    assert [e.head_modules for e in run.evaluations] == [0, 2] * 4
+    assert run.computed_evaluations == 4 and run.modules_predicted == 4 * 4
+    assert "(8 of them in the head that predicted evaluations compute: 67% of the block calls)" in run.summary()
+
+
+def test_computed_head_is_a_share_of_the_blocks():
+    with pytest.raises(ValueError, match="'computed_head' must be between 0.0 and 1.0"):
+        CacheConfig(computed_head=1.5)
+    assert "first 33% of blocks always computed" in CacheConfig(computed_head=1 / 3).describe()

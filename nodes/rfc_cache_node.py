@@ -98,13 +98,13 @@ def apply_rfc_cache(model, config: CacheConfig, node_id: str | None = None, gran
     patched.model_options.setdefault("transformer_options", {})
     if granularity != "model" and block_keys:
         settings = CacheSettings(config, adapter.family, "blocks", adapter, adapter.module_keys(diffusion_model)[0],
-                                 node_id)
+                                 node_id, adapts_short_runs=True)
         hooks = _patch_blocks(patched, adapter, block_keys)
         logger.info("RFC: %s (%s), granularity blocks: %d blocks through %s; %s", adapter.family,
                     _describe_model(diffusion_model), len(block_keys), hooks, config.describe())
     else:
         family = adapter.family if adapter is not None else _describe_model(diffusion_model)
-        settings = CacheSettings(config, family, "model", None, MODEL_MODULE, node_id)
+        settings = CacheSettings(config, family, "model", None, MODEL_MODULE, node_id, adapts_short_runs=True)
         if granularity == "model":
             reason = "as asked"
         else:

@@ -366,9 +366,22 @@ def node_definitions(nodes_module) -> dict:
 FULL_STEPS = ("**RFC Cache sits right before the {where}**, after every other model patch. At {steps} steps "
               "the defaults (threshold 0.1, max_skip 3) computed about {computed} of {steps} evaluations on the "
               "pack's benchmark models; the node shows how many your run computed.")
-SPEED_LORA = ("The **{lora} switch** turns this into a {fast_steps}-step run at cfg 1. RFC Cache stays in the "
-              "path but computes every step there: a run that short has nothing to spare (each step is a large "
-              "jump, and the last one always computes). Leave it in, or bypass it (Ctrl+B) on that path.")
+# The node's short-run policy (nodes/runtime/session.py, README "Few-step models").
+FEW_STEP_RUN = ("RFC Cache recognises the short run and uses its few-step mode: the first third of the blocks "
+                "computed in every evaluation, at most every other evaluation predicted, the last computed. On the "
+                "pack's distilled benchmark model at 8 steps that is 0.83 of the block computations at the default "
+                "threshold, 0.75 at threshold 0.3, both above sampling with 6 steps.")
+UNCACHED_SHORT_RUN = ("RFC Cache leaves a run that short uncached by itself (below 6 steps every cache measured "
+                      "lost to sampling with fewer steps) and says so on the node.")
+
+
+def speed_lora(lora: str, fast_steps: int) -> str:
+    """The note on a speed-LoRA switch that turns the run into a few-step one."""
+    return (f"The **{lora} switch** turns this into a {fast_steps}-step run at cfg 1. RFC Cache stays in the path: "
+            + (FEW_STEP_RUN[:1].lower() + FEW_STEP_RUN[1:] if fast_steps >= 6 else
+               UNCACHED_SHORT_RUN[:1].lower() + UNCACHED_SHORT_RUN[1:]))
+
+
 TWO_STAGES = ("Both stages are cached, each by its own RFC Cache: every stage is a sampling run of its own, "
               "with its own warm-up, and the second stage computes its last step.")
 
@@ -471,8 +484,7 @@ def flux2(w: Workflow, klein: bool):
         steps_port = switched_number(g, "INT", steps, 8, "Switch (steps)")
         guider = g.add("BasicGuider", model=rfc(g, model),
                        conditioning=g.add("FluxGuidance", conditioning=prompt, guidance=cfg)["CONDITIONING"])
-        fast = " " + SPEED_LORA.format(lora="Turbo LoRA", fast_steps=8).replace(
-            "computes every step there", "computes about 6 of 8 steps there")
+        fast = " " + speed_lora("Turbo LoRA", 8)
     sigmas = g.add("Flux2Scheduler", steps=steps_port if not klein else steps, width=1024, height=1024)["SIGMAS"]
     sampled = g.add("SamplerCustomAdvanced", noise=g.add("RandomNoise", noise_seed=42)["NOISE"],
                     guider=guider["GUIDER"], sampler=g.add("KSamplerSelect", sampler_name="euler")["SAMPLER"],
@@ -507,7 +519,7 @@ def flux2_klein_edit(w: Workflow):
     image_out(w, g, g.add("VAEDecode", samples=sampled["output"], vae=found["vae"])["IMAGE"], "RFC_flux2_klein_edit")
     return ("**RFC Cache sits right before the guider, after FluxKVCache** (either order works: RFC Cache follows "
             "the reference tokens FluxKVCache drops after the first step). This distilled model runs 4 steps at "
-            "cfg 1, and there RFC Cache computes every step: nothing to spare in so short a run. It is here for "
+            "cfg 1: " + UNCACHED_SHORT_RUN + " It is here for "
             "the Klein base model at 20 to 50 steps (set the steps and cfg up, and pick the base file), where it "
             "computes about 9 of 20 on the pack's benchmark models.")
 
@@ -528,9 +540,7 @@ def z_image(w: Workflow, turbo: bool):
     image_out(w, g, g.add("VAEDecode", samples=sampled, vae=found["vae"])["IMAGE"],
               "RFC_z_image_turbo" if turbo else "RFC_z_image")
     if turbo:
-        return ("**RFC Cache sits right before the KSampler.** Z-Image Turbo runs 8 steps at cfg 1; with max_skip 1 "
-                "RFC Cache predicts at most every other step and always computes the last: about 6 of 8 computed "
-                "(1.3x). At 4 steps leave it off.")
+        return "**RFC Cache sits right before the KSampler.** Z-Image Turbo runs 8 steps at cfg 1. " + FEW_STEP_RUN
     return FULL_STEPS.format(where="KSampler", steps=30, computed=8).replace("max_skip 3", "max_skip 4")
 
 
@@ -549,8 +559,7 @@ def qwen_image(w: Workflow):
     sampled = ksampler(g, rfc(g, model), positive, negative, latent, steps, cfg)
     image_out(w, g, g.add("VAEDecode", samples=sampled, vae=found["vae"])["IMAGE"], "RFC_qwen_image")
     return (FULL_STEPS.format(where="KSampler", steps=20, computed=9) + " "
-            + SPEED_LORA.format(lora="Lightning LoRA", fast_steps=8).replace(
-                "computes every step there", "computes about 6 of 8 steps there"))
+            + speed_lora("Lightning LoRA", 8))
 
 
 def qwen_image_edit(w: Workflow):
@@ -576,8 +585,7 @@ def qwen_image_edit(w: Workflow):
                        edit_text("", "Negative"), latent, steps, cfg)
     image_out(w, g, g.add("VAEDecode", samples=sampled, vae=found["vae"])["IMAGE"], "RFC_qwen_image_edit_2511")
     return ("**RFC Cache sits right before the KSampler, after CFGNorm.** At 40 steps the defaults computed about "
-            "14 of 40 evaluations on the pack's benchmark models. " + SPEED_LORA.format(lora="Lightning LoRA",
-                                                                                         fast_steps=4))
+            "14 of 40 evaluations on the pack's benchmark models. " + speed_lora("Lightning LoRA", 4))
 
 
 def wan22(w: Workflow, image_to_video: bool):
@@ -621,7 +629,8 @@ def wan22(w: Workflow, image_to_video: bool):
     video_out(w, g, frames, 16.0, f"video/RFC_wan22_{kind}")
     return ("**RFC Cache sits right before each stage's KSamplerAdvanced**, after ModelSamplingSD3. "
             + TWO_STAGES + " At 20 steps (10 + 10) the defaults compute about 4 of 10 evaluations per stage. "
-            + SPEED_LORA.format(lora="lightx2v LoRA", fast_steps=4))
+            + speed_lora("lightx2v LoRA", 4) + " That holds for the second stage, which ends the image; the "
+            "first hands on a noisy latent, so its 2 steps follow the threshold.")
 
 
 def wan21_vace(w: Workflow):
@@ -642,7 +651,7 @@ def wan21_vace(w: Workflow):
     trimmed = g.add("TrimVideoLatent", samples=sampled, trim_amount=vace["trim_latent"])["LATENT"]
     video_out(w, g, g.add("VAEDecode", samples=trimmed, vae=found["vae"])["IMAGE"], 16.0, "video/RFC_wan21_vace")
     return (FULL_STEPS.format(where="KSampler", steps=30, computed=11) + " "
-            + SPEED_LORA.format(lora="CausVid LoRA", fast_steps=4))
+            + speed_lora("CausVid LoRA", 4))
 
 
 def hunyuan_video(w: Workflow):
@@ -720,8 +729,7 @@ def ltx2(w: Workflow, image_to_video: bool):
     text_ = FULL_STEPS.format(where="guider", steps=30, computed=11) + (
         " Video and audio are predicted apart, decided together.")
     if image_to_video:
-        text_ += " " + SPEED_LORA.format(lora="distilled LoRA", fast_steps=8).replace(
-            "computes every step there", "computes about 6 of 8 there")
+        text_ += " " + speed_lora("distilled LoRA", 8)
     return text_
 
 
@@ -735,9 +743,7 @@ def krea2(w: Workflow):
     latent = g.add("EmptyLatentImage", width=1024, height=1024, batch_size=1)["LATENT"]
     sampled = ksampler(g, rfc(g, found["model"], threshold=0.1, max_skip=1), positive, negative, latent, 8, 1.0)
     image_out(w, g, g.add("VAEDecode", samples=sampled, vae=found["vae"])["IMAGE"], "RFC_krea2_turbo")
-    return ("**RFC Cache sits right before the KSampler.** Krea 2 Turbo runs 8 steps at cfg 1; with max_skip 1 "
-            "RFC Cache predicts at most every other step and always computes the last: about 6 of 8 computed. "
-            "At 4 steps leave it off.")
+    return "**RFC Cache sits right before the KSampler.** Krea 2 Turbo runs 8 steps at cfg 1. " + FEW_STEP_RUN
 
 
 def minimax_h3(w: Workflow):
@@ -760,8 +766,7 @@ def minimax_h3(w: Workflow):
               "video/RFC_minimax_h3")
     return ("**RFC Cache sits right before the guider.** MiniMax H3 is cached as whole model calls (its blocks see "
             "packed tokens); not measured on trained weights, so read the count the node shows after a run. "
-            + SPEED_LORA.format(lora="Turbo LoRA", fast_steps=8).replace(
-                "computes every step there", "computes about 6 of 8 there"))
+            + speed_lora("Turbo LoRA", 8))
 
 
 def lumina2(w: Workflow):

@@ -37,8 +37,12 @@ class CacheSettings:
     `adapter`; "model": the whole model call is the one cached module."""
 
     def __init__(self, config: CacheConfig, family: str, granularity: str, adapter: BlockAdapter | None,
-                 first_module, node_id: str | None):
+                 first_module, node_id: str | None, adapts_short_runs: bool = False):
+        """adapts_short_runs: a short run gets the measured few-step policy
+        (session.config_for_short_run), as the nodes ask; code that sets
+        every knob itself (the benchmarks) leaves it off."""
         self.config = config
+        self.adapts_short_runs = adapts_short_runs
         self.family = family
         self.granularity = granularity
         self.adapter = adapter

@@ -18,6 +18,10 @@ DEFAULTS = CacheConfig()
 # auto: each transformer block where the family has an adapter, else the
 # whole model call; model: always the whole model call.
 GRANULARITIES = ("auto", "model")
+# auto: a short run (at most 10 steps ending the image) is left uncached
+# below 6 steps and gets the few-step mode from 6 (session.config_for_short_run);
+# as set: the widgets as they are, at any step count.
+SHORT_RUNS = ("auto", "as set")
 
 
 def _float_widget(name: str, default: float, step: float, tooltip: str):
@@ -64,6 +68,15 @@ MEMORY_INPUTS = {
                                                     "bfloat16 halve a float32 model's cache."}),
 }
 
+SHORT_RUN_INPUTS = {
+    "short_runs": (list(SHORT_RUNS), {"default": "auto",
+                                      "tooltip": "Runs of at most 10 steps that end the image (turbo and lightning "
+                                                 "models). auto: below 6 steps left uncached (fewer plain steps do "
+                                                 "better), from 6 the few-step mode (the first third of the blocks "
+                                                 "computed in every evaluation, max_skip 1). as set: the widgets "
+                                                 "as they are."}),
+}
+
 ADVANCED_INPUTS = {
     "estimator": (list(ESTIMATORS), {"default": DEFAULTS.estimator,
                                      "tooltip": "rfe: RFC's relational estimate; taylor: TaylorSeer; reuse: FORA."}),
@@ -82,9 +95,11 @@ def _describe_model(diffusion_model) -> str:
     return type(diffusion_model).__name__
 
 
-def apply_rfc_cache(model, config: CacheConfig, node_id: str | None = None, granularity: str = "auto"):
+def apply_rfc_cache(model, config: CacheConfig, node_id: str | None = None, granularity: str = "auto",
+                    adapts_short_runs: bool = True):
     """Return a clone of `model` cached by RFC: per transformer block where the
-    family has an adapter, otherwise the whole model call as one module."""
+    family has an adapter, otherwise the whole model call as one module.
+    adapts_short_runs: a short run gets the few-step policy (short_runs "auto")."""
     from comfy.patcher_extension import WrappersMP
 
     if granularity not in GRANULARITIES:
@@ -98,13 +113,13 @@ def apply_rfc_cache(model, config: CacheConfig, node_id: str | None = None, gran
     patched.model_options.setdefault("transformer_options", {})
     if granularity != "model" and block_keys:
         settings = CacheSettings(config, adapter.family, "blocks", adapter, adapter.module_keys(diffusion_model)[0],
-                                 node_id, adapts_short_runs=True)
+                                 node_id, adapts_short_runs)
         hooks = _patch_blocks(patched, adapter, block_keys)
         logger.info("RFC: %s (%s), granularity blocks: %d blocks through %s; %s", adapter.family,
                     _describe_model(diffusion_model), len(block_keys), hooks, config.describe())
     else:
         family = adapter.family if adapter is not None else _describe_model(diffusion_model)
-        settings = CacheSettings(config, family, "model", None, MODEL_MODULE, node_id, adapts_short_runs=True)
+        settings = CacheSettings(config, family, "model", None, MODEL_MODULE, node_id, adapts_short_runs)
         if granularity == "model":
             reason = "as asked"
         else:
@@ -169,8 +184,10 @@ class RFCCache:
     def INPUT_TYPES(cls):
         return {"required": {**BASIC_INPUTS, **TARGET_INPUTS}, "hidden": {"unique_id": "UNIQUE_ID"}}
 
-    def apply(self, model, unique_id=None, granularity="auto", **widgets):
-        return (apply_rfc_cache(model, CacheConfig(**widgets), unique_id, granularity),)
+    def apply(self, model, unique_id=None, granularity="auto", short_runs="auto", **widgets):
+        if short_runs not in SHORT_RUNS:
+            raise ValueError(f"RFC Cache: 'short_runs' must be one of {list(SHORT_RUNS)}, got {short_runs!r}")
+        return (apply_rfc_cache(model, CacheConfig(**widgets), unique_id, granularity, short_runs == "auto"),)
 
 
 class RFCCacheAdvanced(RFCCache):
@@ -179,7 +196,8 @@ class RFCCacheAdvanced(RFCCache):
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {**BASIC_INPUTS, **ADVANCED_INPUTS, **TARGET_INPUTS, **MEMORY_INPUTS},
+        return {"required": {**BASIC_INPUTS, **ADVANCED_INPUTS, **TARGET_INPUTS, **MEMORY_INPUTS,
+                             **SHORT_RUN_INPUTS},
                 "hidden": {"unique_id": "UNIQUE_ID"}}
 
 

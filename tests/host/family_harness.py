@@ -25,7 +25,10 @@ import torch
 from rfc_core.run import SHORT_RUN_STEPS
 from tiny_models import build, counted
 
-FORCED = dict(threshold=10.0, max_skip=2, order=1, start_percent=0.0, end_percent=1.0)
+# Forced caching as set at every step count: the mechanics tests' plans
+# (forced_steps_plan) are whole evaluations, also on short runs, which the
+# node would otherwise give its few-step policy (test_few_step_runs tests that).
+FORCED = dict(threshold=10.0, max_skip=2, order=1, start_percent=0.0, end_percent=1.0, short_runs="as set")
 NEVER_SKIPS = dict(FORCED, start_percent=0.999)
 
 
@@ -118,7 +121,7 @@ def pack_module(nodes, name: str):
 
 
 def rfc(nodes, model, **widgets):
-    advanced = any(name in widgets for name in ("estimator", "scheduler", "interval", "granularity"))
+    advanced = any(name in widgets for name in ("estimator", "scheduler", "interval", "granularity", "short_runs"))
     node = nodes.NODE_CLASS_MAPPINGS["RFCCacheAdvanced" if advanced else "RFCCache"]()
     return node.apply(model, unique_id="7", **widgets)[0]
 

@@ -79,6 +79,7 @@ class TestCosmosPredict2ExtraPositionEmbedding:
     spec = dataclasses.replace(PREDICT2_SPEC, unet_config={**PREDICT2_CONFIG, "extra_per_block_abs_pos_emb": True})
     model = FamilyContract.model
     adapter = FamilyContract.adapter
+    assert_sampled_input_close = FamilyContract.assert_sampled_input_close
     test_module_input_is_what_the_block_feeds_its_first_layer = \
         FamilyContract.test_module_input_is_what_the_block_feeds_its_first_layer
 

@@ -13,6 +13,8 @@ from family_harness import FORCED, rfc
 from tiny_models import FLUX_CONFIG, build, counted, sample
 
 BLOCKS = FLUX_CONFIG["depth"] + FLUX_CONFIG["depth_single_blocks"]
+# Forced caching, with the node's own short-run policy (short_runs "auto").
+AUTO = {name: value for name, value in FORCED.items() if name != "short_runs"}
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +34,7 @@ def run(model_patcher, patched, steps: int):
 def test_an_eight_step_run_computes_the_head_of_every_evaluation(flux, nodes, caplog):
     caplog.set_level("INFO", logger="ComfyUI-RFC")
     reference, reference_calls = run(flux, flux, 8)
-    latent, calls = run(flux, rfc(nodes, flux, **FORCED), 8)
+    latent, calls = run(flux, rfc(nodes, flux, **AUTO), 8)
     # One warm-up, then predicted and computed in turn (max_skip 1), the
     # last step computed: 5 whole evaluations and 3 that run one of the 4
     # blocks (a third of them, rounded).
@@ -47,7 +49,7 @@ def test_an_eight_step_run_computes_the_head_of_every_evaluation(flux, nodes, ca
 def test_a_four_step_run_is_left_uncached_and_says_why(flux, nodes, caplog):
     caplog.set_level("INFO", logger="ComfyUI-RFC")
     reference, reference_calls = run(flux, flux, 4)
-    latent, calls = run(flux, rfc(nodes, flux, **FORCED), 4)
+    latent, calls = run(flux, rfc(nodes, flux, **AUTO), 4)
     assert calls == reference_calls
     assert torch.equal(latent, reference)
     assert "a 4-step run is left uncached" in caplog.text
@@ -55,6 +57,14 @@ def test_a_four_step_run_is_left_uncached_and_says_why(flux, nodes, caplog):
 
 def test_a_speedup_target_on_a_short_run_is_kept(flux, nodes, caplog):
     caplog.set_level("INFO", logger="ComfyUI-RFC")
-    _, calls = run(flux, rfc(nodes, flux, **{**FORCED, "target_speedup": 2.0}), 4)
+    _, calls = run(flux, rfc(nodes, flux, **{**AUTO, "target_speedup": 2.0}), 4)
     assert calls == 2 * BLOCKS
     assert "few-step mode" not in caplog.text and "left uncached" not in caplog.text
+
+
+def test_as_set_caches_a_short_run_with_the_widgets_as_they_are(flux, nodes, caplog):
+    caplog.set_level("INFO", logger="ComfyUI-RFC")
+    _, calls = run(flux, rfc(nodes, flux, **FORCED), 8)
+    # Whole evaluations, max_skip 2, the last step computed: 1, 2 predicted, 4, 2 predicted, 7, 8.
+    assert calls == 4 * BLOCKS
+    assert "few-step mode" not in caplog.text

@@ -19,11 +19,23 @@ counts onto an H200 at FLUX.1-dev 1024x1024: a model, not a measurement.
 
     python -m benchmarks.overhead            # about 40 seconds on 2 CPU cores
     python -m benchmarks.overhead --time     # on a CUDA GPU: also 50-step runs at FLUX.1-dev size, timed
+    COMFYUI_PATH=/path/to/ComfyUI python -m benchmarks.overhead --weights bf16 fp8_scaled int8_convrot
+
+With --weights, the model is ComfyUI's own Flux, loaded by core's UNETLoader
+from a file in each format, written with that ComfyUI's own quantizers
+(benchmarks.quantized_files), so the layers are the ones users run:
+ComfyUI's mixed-precision ops dequantize or run quantized matmuls. Each
+format is counted twice: as the pack runs (the sampled rows of every block's
+modulation read once per run through the format's own dequantizer) and with
+those rows unreadable, where every block's sampled module input runs its
+whole modulation layer (what every quantized format cost before).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 import time
 from collections import defaultdict
@@ -156,15 +168,17 @@ def random_flux(config: dict, blocks: tuple[int, int], device=None) -> TinyFlux:
     return model.to(torch.bfloat16)
 
 
-def count_run(image_side: int, text_tokens: int, steps: int, blocks: tuple[int, int], config: dict = FLUX_DEV):
+def count_run(image_side: int, text_tokens: int, steps: int, blocks: tuple[int, int], config: dict = FLUX_DEV,
+              build=random_flux):
     """Per (evaluation, block) costs of the pack and the block, and which
-    evaluations were computed, for a Flux of `config`'s widths."""
+    evaluations were computed, for a Flux of `config`'s widths made by
+    build(config, blocks)."""
     load_pack()
     runtime = sys.modules[f"{PACK_NAME}.nodes.runtime"]
     rfc_core = sys.modules[f"{PACK_NAME}.rfc_core"]
     adapter = sys.modules[f"{PACK_NAME}.nodes.adapters"].adapter_for("flux")
     flux_adapter_module = sys.modules[f"{PACK_NAME}.nodes.adapters.flux"]
-    model = random_flux(config, blocks)
+    model = build(config, blocks)
     # Forced caching: one warm-up evaluation, then two predicted and one computed.
     cache_config = rfc_core.CacheConfig(threshold=10.0, max_skip=2)
     settings = runtime.CacheSettings(cache_config, "flux", "blocks", adapter, ("double_block", 0), None)
@@ -215,11 +229,11 @@ def count_run(image_side: int, text_tokens: int, steps: int, blocks: tuple[int, 
                 # SamplingSession.evaluate, in two parts so each is counted in its region.
                 with Region(counter, ("evaluation", step, None)):
                     session.start_evaluation(timestep)
-                output = model(x, timestep.to(torch.bfloat16), context, pooled, options)
+                output = model(x, timestep.to(torch.bfloat16), context, pooled, transformer_options=options)
                 with Region(counter, ("evaluation", step, None)):
                     recompute = session.prediction_unusable([output])
                 if recompute:
-                    output = model(x, timestep.to(torch.bfloat16), context, pooled, options)
+                    output = model(x, timestep.to(torch.bfloat16), context, pooled, transformer_options=options)
                 x = x - 0.01 * output
     finally:
         flux_adapter_module.token_stride, flux_adapter_module.channel_stride = original_strides
@@ -310,18 +324,132 @@ def projection(summary: dict[str, Cost], nfc: int, steps: int = 50) -> tuple[flo
     return total / (steps * plain), nfc / steps
 
 
-def counts_at_flux_dev(steps: int = 8) -> dict[str, Cost]:
+def counts_at_flux_dev(steps: int = 8, build=random_flux, narrow_config: dict = NARROW_FLUX) -> dict[str, Cost]:
     """Kernels and host syncs from a narrow Flux of FLUX.1-dev's depth,
     traffic from two runs at its width (2 + 2 blocks), extrapolated to its
     token count, in R."""
-    narrow = summarise(*count_run(16, 8, steps, FLUX_DEV_BLOCKS, NARROW_FLUX))
+    narrow = summarise(*count_run(16, 8, steps, FLUX_DEV_BLOCKS, narrow_config, build))
     text_tokens = 32
     wide, token_counts = [], []
     for side in (16, 24):  # latent sides: 64 and 144 image tokens
-        wide.append(summarise(*count_run(side, text_tokens, steps, (2, 2))))
+        wide.append(summarise(*count_run(side, text_tokens, steps, (2, 2), FLUX_DEV, build)))
         token_counts.append((side // 2) ** 2 + text_tokens)
     traffic = at_flux_dev_size(*wide, tuple(token_counts))
     return {name: Cost(cost.kernels, traffic[name].bytes, cost.syncs) for name, cost in narrow.items()}
+
+
+# ComfyUI's detection reads a Flux's heads as its width / 128 and fixes its
+# rotary axes at FLUX.1's: the narrow model that ComfyUI loads has heads of 128.
+NARROW_COMFY_FLUX = {**FLUX_DEV, "vec_in_dim": 32, "context_in_dim": 32, "hidden_size": 384, "num_heads": 3}
+WEIGHT_FORMATS = ("bf16", "fp8_scaled", "int8_convrot", "gguf_q8_0")
+
+
+class ComfyFluxInFormat:
+    """build() for count_run: random weights in the pack's Flux, written in a
+    file format with the host ComfyUI's quantizers and loaded as core's
+    UNETLoader loads it into ComfyUI's own Flux (every block linear in the
+    format), in bf16."""
+
+    def __init__(self, weights: str, folder: str):
+        self.weights = weights
+        self.folder = folder
+
+    def __call__(self, config: dict, blocks: tuple[int, int]):
+        import comfy.model_management
+        import comfy.sd
+
+        from . import quantized_files
+
+        ours = random_flux(config, blocks)
+        quantized = [name for name, module in ours.named_modules()
+                     if isinstance(module, torch.nn.Linear) and name.startswith(("double_blocks.", "single_blocks."))]
+        state = quantized_files.file_state_dict(ours.state_dict(), self.weights, quantized, set())
+        name = quantized_files.write(state, self.folder, f"flux_{self.weights}_{config['hidden_size']}_{sum(blocks)}"
+                                                         f".safetensors")
+        tiny = {"image_model": "flux", **config, "depth": blocks[0], "depth_single_blocks": blocks[1]}
+        with quantized_files.detection_completed(tiny, fixed=("hidden_size", "context_in_dim", "num_heads")):
+            # UNETLoader's own loader, in bf16 as on a GPU (on the CPU ComfyUI
+            # would pick float32 for the layers the file keeps unquantized).
+            patcher = comfy.sd.load_diffusion_model(os.path.join(self.folder, name), {"dtype": torch.bfloat16})
+        comfy.model_management.load_models_gpu([patcher])
+        return patcher.model.diffusion_model
+
+
+@contextlib.contextmanager
+def rows_unreadable():
+    """Every block's modulation rows unreadable, as every quantized format's
+    were before the pack read them through the format (BlockAdapter.sampled_rows)."""
+    base = sys.modules[f"{PACK_NAME}.nodes.adapters.base"]
+    original = base.weight_rows
+    base.weight_rows = lambda layer, rows, like: "counted as before: rows not read"
+    try:
+        yield
+    finally:
+        base.weight_rows = original
+
+
+def rows_per_run(build, steps: int) -> Cost:
+    """What making the sampled rows costs once per run at FLUX.1-dev size
+    (every block's modulation rows read through its format and stacked), in R."""
+    adapter = sys.modules[f"{PACK_NAME}.nodes.adapters"].adapter_for("flux")
+    flux_adapter_module = sys.modules[f"{PACK_NAME}.nodes.adapters.flux"]
+    model = build(FLUX_DEV, (2, 2))
+    vec = torch.randn(1, FLUX_DEV["hidden_size"], dtype=torch.bfloat16)
+    stride = flux_adapter_module.channel_stride(FLUX_DEV["hidden_size"])
+    counter = CostCounter()
+    with torch.no_grad(), counter:
+        adapter.sampled_rows(model, vec, stride, chunks=2, gain_from=1, width=FLUX_DEV["hidden_size"])
+    adapter.end_run(model)
+    cost = counter.costs["model"]
+    blocks = sum(FLUX_DEV_BLOCKS) / 4  # counted on 2 + 2 blocks
+    residual_bytes = sum(FLUX_DEV_TOKENS) * FLUX_DEV["hidden_size"] * 2
+    return Cost(cost.kernels * blocks, cost.bytes * blocks / residual_bytes, cost.syncs)
+
+
+def print_formats(weights: list[str], steps: int) -> None:
+    """Per-format counts, as the pack runs and with the rows unreadable."""
+    import tempfile
+
+    from . import quantized_files
+    from .host import boot_comfyui
+
+    comfyui_path = os.environ.get("COMFYUI_PATH")
+    if not comfyui_path:
+        raise SystemExit("--weights loads ComfyUI's own Flux through its UNETLoader: set COMFYUI_PATH")
+    boot_comfyui(comfyui_path)
+    load_pack()
+    print("### The pack's cost per block by weight format, FLUX.1-dev size, ComfyUI's own Flux and ops")
+    print()
+    print("| weights | module inputs | skipped block: kernels | R | syncs | computed block (pack's share): "
+          "kernels | R | evaluation (decision): kernels | R | syncs |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    per_run = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for file_format in weights:
+            reason = quantized_files.unavailable(file_format)
+            if reason:
+                print(f"| {file_format} | not counted: {reason} | | | | | | | | |")
+                continue
+            build = ComfyFluxInFormat(file_format, folder)
+            for label, patch in (("rows read through the format", contextlib.nullcontext),
+                                 ("through the modulation layer (before)", rows_unreadable)):
+                with patch():
+                    summary = counts_at_flux_dev(steps, build, NARROW_COMFY_FLUX)
+                skipped = summary["skipped block"]
+                computed = summary["computed block (pack's share)"]
+                decision = summary["evaluation (decision)"]
+                print(f"| {file_format} | {label} | {skipped.kernels:.3g} | {skipped.bytes:.1f} | {skipped.syncs:.3g} "
+                      f"| {computed.kernels:.3g} | {computed.bytes:.1f} | {decision.kernels:.3g} "
+                      f"| {decision.bytes:.1f} | {decision.syncs:.3g} |")
+            per_run[file_format] = rows_per_run(build, steps)
+    print()
+    print("Made once per run, before the first model call's rows: every block's sampled modulation rows, read "
+          "through the format (dequantized) and stacked.")
+    print()
+    print("| weights | kernels | traffic (R) | host syncs |")
+    print("|---|---|---|---|")
+    for file_format, cost in per_run.items():
+        print(f"| {file_format} | {cost.kernels:.0f} | {cost.bytes:.1f} | {cost.syncs:.0f} |")
 
 
 class Timer:
@@ -428,7 +556,12 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--time", action="store_true",
                         help="also time 50-step runs (at FLUX.1-dev size on a CUDA GPU)")
+    parser.add_argument("--weights", nargs="+", choices=WEIGHT_FORMATS,
+                        help="count ComfyUI's own Flux loaded from files in these formats (needs COMFYUI_PATH)")
     args = parser.parse_args(argv)
+    if args.weights:
+        print_formats(args.weights, args.steps)
+        return
     if args.time:
         print_timings(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         print()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 
-import pytest
 import torch
 
 from family_harness import FORCED, NEVER_SKIPS, FamilyContract, FamilySpec, rfc, sample_spec

@@ -23,11 +23,15 @@ from .tiny_flux import BUNDLED_WEIGHTS, LABEL_POOLED_KEY, LABEL_TOKENS_KEY, bund
 
 PACK_ROOT = Path(__file__).resolve().parent.parent
 PACK_FOLDER = "ComfyUI-RFC"
+# Packs users install next to this one whose interplay the host tests check
+# (GGUF weights), loaded too when the ComfyUI tree has them in custom_nodes.
+COMPANION_PACKS = ("ComfyUI-GGUF",)
 
 
 def boot_comfyui(comfyui_path: str):
-    """Import ComfyUI on the CPU and load this pack from a custom_nodes
-    folder through ComfyUI's own loader. Returns ComfyUI's `nodes` module."""
+    """Import ComfyUI on the CPU and load this pack (and COMPANION_PACKS the
+    tree has) from a custom_nodes folder through ComfyUI's own loader.
+    Returns ComfyUI's `nodes` module."""
     if comfyui_path not in sys.path:
         sys.path.insert(0, comfyui_path)
     # As ComfyUI's main.py does, before `nodes` puts comfy/ first on the
@@ -44,6 +48,10 @@ def boot_comfyui(comfyui_path: str):
         return nodes
     custom_nodes = Path(tempfile.mkdtemp(prefix="rfc-custom-nodes-"))
     (custom_nodes / PACK_FOLDER).symlink_to(PACK_ROOT, target_is_directory=True)
+    for name in COMPANION_PACKS:
+        installed = Path(comfyui_path) / "custom_nodes" / name
+        if installed.is_dir():
+            (custom_nodes / name).symlink_to(installed.resolve(), target_is_directory=True)
     folder_paths.folder_names_and_paths["custom_nodes"] = ([str(custom_nodes)], set())
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
     if "RFCCache" not in nodes.NODE_CLASS_MAPPINGS:

@@ -342,6 +342,9 @@ def counts_at_flux_dev(steps: int = 8, build=random_flux, narrow_config: dict = 
 # rotary axes at FLUX.1's: the narrow model that ComfyUI loads has heads of 128.
 NARROW_COMFY_FLUX = {**FLUX_DEV, "vec_in_dim": 32, "context_in_dim": 32, "hidden_size": 384, "num_heads": 3}
 WEIGHT_FORMATS = ("bf16", "fp8_scaled", "int8_convrot", "gguf_q8_0")
+# ComfyUI-GGUF's layers turn their output back into a plain tensor with
+# torch.Tensor(...), which fails under the counter's TorchDispatchMode.
+NOT_COUNTABLE = {"gguf_q8_0": "ComfyUI-GGUF's tensors do not run under the counting dispatch mode"}
 
 
 class ComfyFluxInFormat:
@@ -365,7 +368,7 @@ class ComfyFluxInFormat:
                      if isinstance(module, torch.nn.Linear) and name.startswith(("double_blocks.", "single_blocks."))]
         state = quantized_files.file_state_dict(ours.state_dict(), self.weights, quantized, set())
         name = quantized_files.write(state, self.folder, f"flux_{self.weights}_{config['hidden_size']}_{sum(blocks)}"
-                                                         f".safetensors")
+                                                         f".safetensors", self.weights, quantized, "flux")
         tiny = {"image_model": "flux", **config, "depth": blocks[0], "depth_single_blocks": blocks[1]}
         with quantized_files.detection_completed(tiny, fixed=("hidden_size", "context_in_dim", "num_heads")):
             # UNETLoader's own loader, in bf16 as on a GPU (on the CPU ComfyUI
@@ -426,7 +429,7 @@ def print_formats(weights: list[str], steps: int) -> None:
     per_run = {}
     with tempfile.TemporaryDirectory() as folder:
         for file_format in weights:
-            reason = quantized_files.unavailable(file_format)
+            reason = NOT_COUNTABLE.get(file_format) or quantized_files.unavailable(file_format)
             if reason:
                 print(f"| {file_format} | not counted: {reason} | | | | | | | | |")
                 continue

@@ -65,8 +65,6 @@ def unavailable(file_format: str) -> str | None:
             return "gguf_q8_0: the gguf package does not import in this ComfyUI's environment"
         if not _has_gguf_nodes():
             return "gguf_q8_0: ComfyUI-GGUF is not in this ComfyUI's custom_nodes"
-        return ("gguf_q8_0: ComfyUI-GGUF is present, but these tests have no GGUF writer yet "
-                "(no host they run on has ComfyUI-GGUF to check one against)")
     return None
 
 
@@ -99,7 +97,7 @@ def file_state_dict(state_dict: dict, file_format: str, quantized: list[str], ke
     format stores quantized; kept: those of them a mixed file keeps in bf16."""
     out = {key: value.to(torch.bfloat16) if value.is_floating_point() else value
            for key, value in state_dict.items()}
-    if file_format == BF16:
+    if file_format in (BF16, GGUF_Q8_0):
         return out
     if file_format == FP8_SCALED:
         for layer in quantized:
@@ -128,6 +126,8 @@ def stored_as(layer) -> str:
     as it is used), "scaled_fp8" (old ComfyUI's fp8 weight and scale), or
     its comfy_quant format ("int8_convrot" for int8 tensorwise with convrot)."""
     weight = layer.weight
+    if getattr(weight, "tensor_type", None) is not None:  # ComfyUI-GGUF's GGMLTensor
+        return f"gguf_{weight.tensor_type.name.lower()}"
     if type(weight.data) is torch.Tensor:
         return "scaled_fp8" if hasattr(layer, "scale_weight") else "plain"
     if getattr(layer, "quant_format", None) == INT8 and weight._params.convrot:
@@ -135,13 +135,16 @@ def stored_as(layer) -> str:
     return getattr(layer, "quant_format", type(weight.data).__name__)
 
 
-def expected_storage(file_format: str, kept: bool) -> str:
+def expected_storage(file_format: str, kept: bool, in_features: int) -> str:
     """What stored_as says of a quantized layer of a `file_format` file
     once loaded; kept: fp8mixed keeps it in bf16. New ComfyUI turns a legacy
     scaled-fp8 file into comfy_quant fp8 as it loads it
-    (comfy.utils.convert_old_quants)."""
+    (comfy.utils.convert_old_quants). GGUF stores Q8_0 where the layer's
+    input width is a whole number of 32-weight blocks, float16 elsewhere."""
     import comfy.utils
 
+    if file_format == GGUF_Q8_0:
+        return GGUF_Q8_0 if in_features % 32 == 0 else "gguf_f16"
     if file_format == BF16 or (file_format == FP8_MIXED and kept):
         return "plain"
     if file_format == FP8_SCALED:
@@ -177,18 +180,55 @@ def detection_completed(tiny_config: dict, fixed: tuple[str, ...] = ()):
 
 
 def load_with_unet_loader(folder: str, name: str):
-    """Core's UNETLoader on `name` in `folder`, registered as a diffusion_models folder."""
+    """Core's UNETLoader on `name` in `folder`, registered as a diffusion_models
+    folder; a .gguf file through ComfyUI-GGUF's UnetLoaderGGUF, as users load one."""
     import folder_paths
     import nodes
 
     if folder not in folder_paths.get_folder_paths("diffusion_models"):
         folder_paths.add_model_folder_path("diffusion_models", folder)
+    if name.endswith(".gguf"):
+        loader_class = nodes.NODE_CLASS_MAPPINGS["UnetLoaderGGUF"]
+        if folder not in folder_paths.get_folder_paths("unet_gguf"):
+            folder_paths.add_model_folder_path("unet_gguf", folder)
+        return getattr(loader_class(), loader_class.FUNCTION)(name)[0]
     loader_class = nodes.NODE_CLASS_MAPPINGS["UNETLoader"]
     return getattr(loader_class(), loader_class.FUNCTION)(name, "default")[0]
 
 
-def write(state_dict: dict, folder: str, name: str) -> str:
-    import safetensors.torch
+# ComfyUI-GGUF's name for each adapter family's architecture (general.architecture).
+GGUF_ARCHITECTURES = {"flux": "flux", "qwen_image": "qwen_image", "lumina2": "lumina2", "wan": "wan"}
 
-    safetensors.torch.save_file(state_dict, os.path.join(folder, name))
+
+def write(state_dict: dict, folder: str, name: str, file_format: str = BF16, quantized: list[str] = (),
+          family: str = "") -> str:
+    """Save the file_state_dict of a file; a gguf_q8_0 file is written from
+    the float state dict instead, its quantized layers' weights in GGML's
+    Q8_0 blocks (32 weights and a float16 scale each) where their input
+    width allows, everything else float16 (1-D tensors float32), as
+    ComfyUI-GGUF's converter lays them out. Returns the file's name."""
+    if file_format != GGUF_Q8_0:
+        import safetensors.torch
+
+        safetensors.torch.save_file(state_dict, os.path.join(folder, name))
+        return name
+    import gguf
+
+    name = f"{os.path.splitext(name)[0]}.gguf"
+    writer = gguf.GGUFWriter(os.path.join(folder, name), arch=GGUF_ARCHITECTURES[family])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    weights = {f"{layer}.weight" for layer in quantized}
+    for key, tensor in state_dict.items():
+        data = tensor.float().numpy()
+        if key in weights and data.ndim == 2 and data.shape[1] % 32 == 0:
+            qtype = gguf.GGMLQuantizationType.Q8_0
+        elif data.ndim <= 1:
+            qtype = gguf.GGMLQuantizationType.F32
+        else:
+            qtype = gguf.GGMLQuantizationType.F16
+        writer.add_tensor(key, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
     return name

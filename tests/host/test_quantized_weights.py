@@ -112,7 +112,8 @@ def load_file(nodes, folder: str, file_format: str, family: Family):
     quantized = quantized_files.block_linears(built, adapter)
     kept = quantized_files.first_block_linears(built, adapter)
     state_dict = quantized_files.file_state_dict(built.state_dict(), file_format, quantized, kept)
-    name = quantized_files.write(state_dict, folder, f"{spec.name}_{file_format}.safetensors")
+    name = quantized_files.write(state_dict, folder, f"{spec.name}_{file_format}.safetensors", file_format, quantized,
+                                 spec.name)
     with quantized_files.detection_completed(spec.unet_config, family.fixed):
         model = quantized_files.load_with_unet_loader(folder, name)
     loaded = model.model.diffusion_model
@@ -124,7 +125,9 @@ def load_file(nodes, folder: str, file_format: str, family: Family):
     shapes = {name: tuple(parameter.shape) for name, parameter in loaded.named_parameters()}
     assert {name: tuple(parameter.shape) for name, parameter in built.named_parameters()}.items() <= shapes.items()
     stored = {name: quantized_files.stored_as(loaded.get_submodule(name)) for name in quantized}
-    assert stored == {name: quantized_files.expected_storage(file_format, name in kept) for name in quantized}
+    assert stored == {name: quantized_files.expected_storage(file_format, name in kept,
+                                                             built.get_submodule(name).in_features)
+                      for name in quantized}
     return model
 
 

@@ -3,10 +3,11 @@ bundled trained models, at matched numbers of full computations (NFC).
 
 Each method's setting (interval for fixed schedules, threshold for RCS and
 EasyCache's rule, Spectrum's first gap at each of its mix weights, gap
-growths and windows) is searched so that it computes as close as possible
-to each target NFC out of 50 steps; quality is PSNR and SSIM of the decoded
-images against full compute. Prints a markdown table per model, writes a
-plot of quality against NFC and a side-by-side image grid per model.
+growths, windows, time variables and numbers of Chebyshev terms) is
+searched so that it computes as close as possible to each target NFC out of
+50 steps; quality is PSNR and SSIM of the decoded images against full
+compute. Prints a markdown table per model, writes a plot of quality
+against NFC and a side-by-side image grid per model.
 
     pip install pillow matplotlib
     python -m benchmarks.run                   # both models, under 10 minutes on 2 CPU cores
@@ -21,6 +22,7 @@ with core's EasyCache node in place of the whole-model rule.
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import math
 import os
@@ -31,8 +33,8 @@ from pathlib import Path
 
 import torch
 
-from .methods import (METHODS, SPECTRUM_GROWTHS, SPECTRUM_MIXES, SPECTRUM_WINDOWS, Method, SampleResult, SpectrumSetting,
-                      StandaloneSampler, rfc_core)
+from .methods import (METHODS, SPECTRUM_GROWTHS, SPECTRUM_MIXES, SPECTRUM_TERMS, SPECTRUM_TIMES, SPECTRUM_WINDOWS,
+                      Method, SampleResult, SpectrumSetting, StandaloneSampler, rfc_core)
 from .metrics import psnr, ssim
 from .tiny_flux import latent_to_pixels, load_bundled
 
@@ -98,10 +100,11 @@ SPECTRUM = next(m for m in METHODS if m.scheduler == "spectrum")
 
 
 def match_spectrum(sampler, target: int, reference: torch.Tensor) -> tuple[SpectrumSetting, SampleResult]:
-    """Spectrum at each of its published mix weights, gap growths and
-    windows, the first gap searched to hit the target (from the schedule
-    alone: its NFC does not depend on the features): the best image at the
-    closest NFC wins, so the baseline gets its best setting at every budget."""
+    """Spectrum at each of its published mix weights, gap growths, windows,
+    time variables and numbers of Chebyshev terms, the first gap searched to
+    hit the target (from the schedule alone: its NFC does not depend on the
+    features): the best image at the closest NFC wins, so the baseline gets
+    its best setting at every budget."""
     candidates = []
     for growth in SPECTRUM_GROWTHS:
         def schedule_nfc(log_gap, growth=growth):
@@ -109,13 +112,13 @@ def match_spectrum(sampler, target: int, reference: torch.Tensor) -> tuple[Spect
             return setting, len(setting.full_steps(sampler.steps)), None
 
         gap = bisect_nfc(schedule_nfc, 0.0, math.log(sampler.steps), 30, target)[0].first_gap
-        for mix in SPECTRUM_MIXES:
-            for window in SPECTRUM_WINDOWS:
-                setting = SpectrumSetting(gap, growth, mix, window)
-                result = sampler.run(SPECTRUM, setting)
-                quality = psnr(latent_to_pixels(result.latent), reference)
-                # Closest NFC first, then more compute (as _closer), then the better image.
-                candidates.append(((abs(result.nfc - target), -result.nfc, -quality), setting, result))
+        for mix, window, time_variable, terms in itertools.product(SPECTRUM_MIXES, SPECTRUM_WINDOWS, SPECTRUM_TIMES,
+                                                                   SPECTRUM_TERMS):
+            setting = SpectrumSetting(gap, growth, mix, window, time_variable, terms)
+            result = sampler.run(SPECTRUM, setting)
+            quality = psnr(latent_to_pixels(result.latent), reference)
+            # Closest NFC first, then more compute (as _closer), then the better image.
+            candidates.append(((abs(result.nfc - target), -result.nfc, -quality), setting, result))
     _, setting, result = min(candidates, key=lambda candidate: candidate[0])
     return setting, result
 
@@ -191,7 +194,8 @@ def minutes(seconds: float) -> str:
 def describe_setting(setting) -> str:
     if isinstance(setting, SpectrumSetting):
         window = "all" if setting.window is None else f"last {setting.window}"
-        return f"gap {setting.first_gap:.3g}, growth {setting.growth:g}, w {setting.mix:g}, window {window}"
+        return (f"gap {setting.first_gap:.3g}, growth {setting.growth:g}, w {setting.mix:g}, window {window}, "
+                f"time {setting.time}, T0-T{setting.terms - 1}")
     return f"interval {setting}" if isinstance(setting, int) else f"threshold {setting:.4g}"
 
 

@@ -178,21 +178,45 @@ class LabelEmbedding(nn.Module):
         self.pooled = nn.Parameter(torch.randn(classes + 1, width) * 0.5)
 
 
+class EmaTraining:
+    """What training and distillation both run: AdamW on a model and its
+    label embedding, the learning rate warmed up then cosine-decayed, the
+    gradient clipped at 1, and an EMA copy of both that is what gets saved."""
+
+    def __init__(self, model: nn.Module, labels: nn.Module, lr: float, ema: float, steps: int, warmup: int):
+        self.parameters = list(model.parameters()) + list(labels.parameters())
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=lr, weight_decay=0.0)
+        self.ema_model = copy.deepcopy(model).requires_grad_(False)
+        self.ema_labels = copy.deepcopy(labels).requires_grad_(False)
+        self.lr, self.ema, self.steps, self.warmup = lr, ema, steps, warmup
+
+    def step(self, step: int, loss: torch.Tensor) -> float:
+        """One optimiser step on `loss` (steps count from 1); returns its learning rate."""
+        lr = self.lr * min(1.0, step / self.warmup) * 0.5 * (1 + math.cos(math.pi * step / self.steps))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.parameters, 1.0)
+        self.optimizer.step()
+        decay = min(self.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for ema_p, p in zip(list(self.ema_model.parameters()) + list(self.ema_labels.parameters()),
+                                self.parameters):
+                ema_p.lerp_(p, 1 - decay)
+        return lr
+
+
 def train(recipe: Recipe, args) -> None:
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     data = SkimageDataset(generator)
     model = recipe.build(recipe.config)
     labels = LabelEmbedding(len(CLASS_NAMES), recipe.label_width)
-    parameters = list(model.parameters()) + list(labels.parameters())
-    optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.0)
-    ema_model, ema_labels = copy.deepcopy(model).requires_grad_(False), copy.deepcopy(labels).requires_grad_(False)
+    training = EmaTraining(model, labels, args.lr, args.ema, args.steps, warmup=100)
     empty = len(CLASS_NAMES)
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
-        lr = args.lr * min(1.0, step / 100) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         images, label = data.batch(args.batch)
         label = torch.where(torch.rand(args.batch, generator=generator) < args.label_dropout,
                             torch.full_like(label, empty), label)
@@ -202,18 +226,11 @@ def train(recipe: Recipe, args) -> None:
         noisy = (1 - sigma[:, None, None, None]) * clean + sigma[:, None, None, None] * noise
         prediction = recipe.call(model, noisy, sigma, labels.tokens[label], labels.pooled[label])
         loss = F.mse_loss(prediction, noise - clean)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        decay = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for ema_p, p in zip(list(ema_model.parameters()) + list(ema_labels.parameters()), parameters):
-                ema_p.lerp_(p, 1 - decay)
+        lr = training.step(step, loss)
         if step % 50 == 0 or step == 1:
             logger.info("step %d/%d loss %.4f lr %.2e %.0fs", step, args.steps, loss.item(), lr,
                         time.perf_counter() - start)
-    save(recipe, ema_model, ema_labels, args, time.perf_counter() - start)
+    save(recipe, training.ema_model, training.ema_labels, args, time.perf_counter() - start)
 
 
 # The teacher's path: TEACHER_STEPS Euler steps at cfg TEACHER_CFG (its sample
@@ -267,15 +284,10 @@ def distil(recipe: Recipe, args) -> None:
     paths, path_labels = teacher_paths(recipe, teacher, labels, args.paths, 96, generator)
     sigmas = recipe.sigmas(TEACHER_STEPS)
     student = teacher.train().requires_grad_(True)
-    parameters = list(student.parameters()) + list(labels.parameters())
-    optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.0)
-    ema_model, ema_labels = copy.deepcopy(student).requires_grad_(False), copy.deepcopy(labels).requires_grad_(False)
+    training = EmaTraining(student, labels, args.lr, args.ema, args.steps, warmup=20)
     counts = torch.tensor(list(STUDENT_STEP_COUNTS))
     shares = torch.tensor(list(STUDENT_STEP_COUNTS.values()))
     for step in range(1, args.steps + 1):
-        lr = args.lr * min(1.0, step / 20) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         path = torch.randint(len(paths), (args.batch,), generator=generator)
         stride = TEACHER_STEPS // counts[torch.multinomial(shares, args.batch, replacement=True, generator=generator)]
         begin = (torch.rand(args.batch, generator=generator) * (TEACHER_STEPS // stride)).long() * stride
@@ -287,21 +299,15 @@ def distil(recipe: Recipe, args) -> None:
         label = path_labels[path]
         tokens, pooled = labels.tokens[label], labels.pooled[label]
         loss = F.mse_loss(recipe.call(student, x_begin, sigma_begin, tokens, pooled), target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        decay = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for ema_p, p in zip(list(ema_model.parameters()) + list(ema_labels.parameters()), parameters):
-                ema_p.lerp_(p, 1 - decay)
+        lr = training.step(step, loss)
         if step % 25 == 0 or step == 1:
             logger.info("distil step %d/%d loss %.4f lr %.2e %.0fs", step, args.steps, loss.item(), lr,
                         time.perf_counter() - start)
-    training = {"recipe": "multi-step trajectory distillation, guidance folded in",
-                "teacher": recipe.weights.name, "teacher_steps": TEACHER_STEPS, "teacher_cfg": TEACHER_CFG,
-                "student_step_counts": STUDENT_STEP_COUNTS, "paths": args.paths}
-    save(recipe, ema_model.eval(), ema_labels, args, time.perf_counter() - start, recipe.distilled, training)
+    recipe_notes = {"recipe": "multi-step trajectory distillation, guidance folded in",
+                    "teacher": recipe.weights.name, "teacher_steps": TEACHER_STEPS, "teacher_cfg": TEACHER_CFG,
+                    "student_step_counts": STUDENT_STEP_COUNTS, "paths": args.paths}
+    save(recipe, training.ema_model.eval(), training.ema_labels, args, time.perf_counter() - start,
+         recipe.distilled, recipe_notes)
 
 
 def save(recipe: Recipe, model: nn.Module, labels: LabelEmbedding, args, seconds: float, path: Path | None = None,

@@ -29,12 +29,15 @@ CHROMA_CONFIG = {
 
 
 def build(config_class_name: str, unet_config: dict, seed: int = 0, overrides: dict | None = None,
-          checkpoint=None):
+          checkpoint=None, dtypes=(torch.float32, None)):
     """A tiny random-weight model of `comfy.supported_models.<config_class_name>`.
     overrides: set on the config after it is made, for families whose config
     class forces full-size values over the ones given (JoyImage's rope axes).
     checkpoint(): weights the model loads while it is built (Stable Audio 3's
-    seconds embedder), called once the class is known to exist."""
+    seconds embedder), called once the class is known to exist.
+    dtypes: (weight dtype, ComfyUI's manual cast dtype or None), as
+    `set_inference_dtype` takes them: (float16, float32) stores the weights
+    in half precision and computes in float32."""
     import comfy.model_management
     import comfy.model_patcher
     import comfy.supported_models
@@ -45,7 +48,7 @@ def build(config_class_name: str, unet_config: dict, seed: int = 0, overrides: d
         pytest.skip(f"{config_class_name}: not in this ComfyUI ({comfyui_version()})")
     model_config = getattr(comfy.supported_models, config_class_name)(complete_params(unet_config))
     model_config.unet_config.update(overrides or {})
-    model_config.set_inference_dtype(torch.float32, None)
+    model_config.set_inference_dtype(*dtypes)
     model = model_config.get_model(checkpoint() if checkpoint is not None else {})
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

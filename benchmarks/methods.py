@@ -260,14 +260,21 @@ class FluxFamily:
 
 
 class NextDiTFamily:
-    """The bundled NextDiT: no block patch point, so each block's `forward`
-    is replaced for the run, as the node's object patch does in ComfyUI."""
+    """The bundled NextDiT: no block patch point, so each cached block's
+    `forward` (the noise refiners', then the joint layers') is replaced for
+    the run, as the node's object patch does in ComfyUI."""
 
     adapter_family = "lumina2"
+    GROUPS = (("noise_refiner", "noise_refiner"), ("layer", "layers"))
 
     def __init__(self, model: TinyNextDiT):
         self.model = model
-        self.streams = {("layer", i): ("x",) for i in range(len(model.layers))}
+        self.streams = {key: ("x",) for key, _ in self._blocks()}
+
+    def _blocks(self):
+        """((kind, index), block) in the order the model runs them."""
+        return [((kind, index), block) for kind, attribute in self.GROUPS
+                for index, block in enumerate(getattr(self.model, attribute))]
 
     @staticmethod
     def sigmas(steps: int) -> torch.Tensor:
@@ -278,21 +285,21 @@ class NextDiTFamily:
 
     @contextlib.contextmanager
     def _forwards(self, make):
-        layers = self.model.layers
-        for index, layer in enumerate(layers):
-            layer.forward = make(index, layer)
+        blocks = self._blocks()
+        for key, block in blocks:
+            block.forward = make(key, block)
         try:
             yield
         finally:
-            for layer in layers:
-                del layer.forward
+            for _, block in blocks:
+                del block.forward
 
     def intercepted(self, options: dict, intercept):
-        def make(index, layer):
-            original = type(layer).forward.__get__(layer)
+        def make(key, block):
+            original = type(block).forward.__get__(block)
 
             def forward(x, *args, **kwargs):
-                return intercept(("layer", index), {"x": x}, lambda: {"x": original(x, *args, **kwargs)})["x"]
+                return intercept(key, {"x": x}, lambda: {"x": original(x, *args, **kwargs)})["x"]
             return forward
 
         return self._forwards(make)
@@ -301,10 +308,10 @@ class NextDiTFamily:
         if wrap is not None:
             raise ValueError("the sequence-parallel benchmark runs on the Flux model only")
 
-        def make(index, layer):
-            block_forward = type(layer).forward.__get__(layer)
-            return from_runtime.CachedForward("layer", index, ("x",), block_forward, block_forward,
-                                             adapter.block_path(self.model, "layer", index))
+        def make(key, block):
+            block_forward = type(block).forward.__get__(block)
+            return from_runtime.CachedForward(*key, ("x",), block_forward, block_forward,
+                                             adapter.block_path(self.model, *key))
 
         return self._forwards(make)
 

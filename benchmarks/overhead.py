@@ -16,8 +16,11 @@ It prints the counts per skipped block, per computed block (the pack's work
 on top of the block's own) and per model evaluation (the decision), next to
 the physical limit of a skipped block, and a roofline projection of those
 counts onto an H200 at FLUX.1-dev 1024x1024: a model, not a measurement.
+Then the same counts at Z-Image's size (a NextDiT whose noise refiners and
+layers are cached through object patches of their forward), and the share of
+a computed evaluation's block FLOPs that a predicted one still computes.
 
-    python -m benchmarks.overhead            # about 40 seconds on 2 CPU cores
+    python -m benchmarks.overhead            # about 90 seconds on 2 CPU cores
     python -m benchmarks.overhead --time     # on a CUDA GPU: also 50-step runs at FLUX.1-dev size, timed
     COMFYUI_PATH=/path/to/ComfyUI python -m benchmarks.overhead --weights bf16 fp8_scaled int8_convrot
 
@@ -46,6 +49,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .methods import PACK_NAME, load_pack
 from .tiny_flux import TinyFlux
+from .tiny_nextdit import RMSNorm, TinyNextDiT
 
 # Operations that make the host wait for the device.
 SYNC_OPERATIONS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
@@ -62,6 +66,21 @@ FLUX_DEV_BLOCKS = (19, 38)  # double, single
 NARROW_FLUX = {**FLUX_DEV, "vec_in_dim": 32, "context_in_dim": 32, "hidden_size": 96, "num_heads": 2,
                "axes_dim": [8, 20, 20]}
 FLUX_DEV_TOKENS = (4096, 512)  # image tokens at 1024x1024, text tokens
+
+# Z-Image (Turbo and base) as ComfyUI detects it: a NextDiT 3840 wide with 30
+# heads and 30 layers after 2 noise and 2 context refiners, Z-Image's
+# modulation, caption features of Qwen3-4B.
+ZIMAGE = {
+    "patch_size": 2, "in_channels": 16, "dim": 3840, "n_layers": 30, "n_refiner_layers": 2, "n_heads": 30,
+    "n_kv_heads": 30, "multiple_of": 256, "ffn_dim_multiplier": 8.0 / 3.0, "norm_eps": 1e-5, "qk_norm": True,
+    "cap_feat_dim": 2560, "axes_dims": [32, 48, 48], "axes_lens": [1536, 512, 512], "rope_theta": 256.0,
+    "z_image_modulation": True, "time_scale": 1000.0,
+}
+ZIMAGE_TOKENS = (4096, 256)  # image tokens at 1024x1024, caption tokens (a prompt padded to 32)
+# Its layout at a width the CPU runs in seconds (Z-Image's modulation needs
+# 256 or more; 300 is a multiple of the channel stride at 3840, 15).
+NARROW_ZIMAGE = {**ZIMAGE, "dim": 300, "n_heads": 2, "n_kv_heads": 2, "axes_dims": [50, 50, 50], "cap_feat_dim": 32,
+                 "multiple_of": 30}
 
 # The roofline: H200 SXM, dense bf16 and HBM3e; launch and sync latencies
 # typical of CUDA with eager PyTorch.
@@ -115,10 +134,14 @@ class CostCounter(TorchDispatchMode):
         super().__init__()
         self.regions = ["model"]
         self.costs: dict = defaultdict(Cost)
+        # Inside a function counted as the one kernel a GPU runs for it (fused).
+        self.fusing = False
 
     def __torch_dispatch__(self, operation, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         result = operation(*args, **kwargs)
+        if self.fusing:
+            return result
         cost = self.costs[self.regions[-1]]
         if operation in SYNC_OPERATIONS:
             cost.syncs += 1
@@ -146,6 +169,30 @@ class CostCounter(TorchDispatchMode):
         return super().__exit__(*exc)
 
 
+def count_as_fused(counter: CostCounter, module: torch.nn.Module) -> None:
+    """Count `module`'s forward as one kernel that reads its input and
+    weights and writes its output. For RMSNorm: torch runs
+    `F.rms_norm` as one kernel on CUDA (aten._fused_rms_norm, torch 2.8 and
+    later) and as eight elementwise operations and reductions on the CPU,
+    where this counter runs."""
+    own = module.forward
+
+    def forward(x, *args, **kwargs):
+        if counter.fusing:
+            return own(x, *args, **kwargs)
+        counter.fusing = True
+        try:
+            output = own(x, *args, **kwargs)
+        finally:
+            counter.fusing = False
+        cost = counter.costs[counter.regions[-1]]
+        cost.kernels += 1
+        cost.bytes += sum(t.numel() * t.element_size() for t in [x, output, *module.parameters()])
+        return output
+
+    module.forward = forward
+
+
 class Region:
     def __init__(self, counter: CostCounter, name):
         self.counter, self.name = counter, name
@@ -168,25 +215,66 @@ def random_flux(config: dict, blocks: tuple[int, int], device=None) -> TinyFlux:
     return model.to(torch.bfloat16)
 
 
+@contextlib.contextmanager
+def strides_at(adapter_module, token_strides: dict, channel_stride: int, width: int):
+    """Module inputs sampled with the strides the adapter takes at full size
+    (token_strides: tokens here -> the stride at the full token count), so
+    their traffic extrapolates and the kernels are the same."""
+    if width % channel_stride:
+        raise ValueError(f"the width must be a multiple of {channel_stride}, the full-size channel stride")
+    original = adapter_module.token_stride, adapter_module.channel_stride
+    adapter_module.token_stride = token_strides.__getitem__
+    adapter_module.channel_stride = lambda channels: channel_stride
+    try:
+        yield
+    finally:
+        adapter_module.token_stride, adapter_module.channel_stride = original
+
+
+def counted_session(family: str, model):
+    """A session of forced caching (one warm-up evaluation, then two
+    predicted and one computed) on `model`, its adapter and a counter."""
+    load_pack()
+    runtime = sys.modules[f"{PACK_NAME}.nodes.runtime"]
+    rfc_core = sys.modules[f"{PACK_NAME}.rfc_core"]
+    adapter = sys.modules[f"{PACK_NAME}.nodes.adapters"].adapter_for(family)
+    cache_config = rfc_core.CacheConfig(threshold=10.0, max_skip=2)
+    settings = runtime.CacheSettings(cache_config, family, "blocks", adapter, adapter.module_keys(model)[0], None)
+    # No schedule: these few steps stand for part of a long run, so a short
+    # run's computed last step (rfc_core.run.SHORT_RUN_STEPS) does not apply.
+    return runtime.SamplingSession(settings, model, None), adapter, CostCounter()
+
+
+def count_evaluations(session, counter: CostCounter, evaluation: list, steps: int, model_call, x: torch.Tensor):
+    """`steps` evaluations of model_call(x, timestep), each counted in its
+    regions, x moved a little by each output; returns which were computed."""
+    sigmas = torch.linspace(1, 0, steps + 1)
+    with torch.no_grad(), counter:
+        for step in range(steps):
+            evaluation[0] = step
+            timestep = sigmas[step:step + 1]
+            # SamplingSession.evaluate, in two parts so each is counted in its region.
+            with Region(counter, ("evaluation", step, None)):
+                session.start_evaluation(timestep)
+            output = model_call(x, timestep)
+            with Region(counter, ("evaluation", step, None)):
+                recompute = session.prediction_unusable([output])
+            if recompute:
+                output = model_call(x, timestep)
+            x = x - 0.01 * output
+    session.finish()
+    return [e.computed for e in session.run.evaluations]
+
+
 def count_run(image_side: int, text_tokens: int, steps: int, blocks: tuple[int, int], config: dict = FLUX_DEV,
               build=random_flux):
     """Per (evaluation, block) costs of the pack and the block, and which
     evaluations were computed, for a Flux of `config`'s widths made by
     build(config, blocks)."""
-    load_pack()
-    runtime = sys.modules[f"{PACK_NAME}.nodes.runtime"]
-    rfc_core = sys.modules[f"{PACK_NAME}.rfc_core"]
-    adapter = sys.modules[f"{PACK_NAME}.nodes.adapters"].adapter_for("flux")
-    flux_adapter_module = sys.modules[f"{PACK_NAME}.nodes.adapters.flux"]
     model = build(config, blocks)
-    # Forced caching: one warm-up evaluation, then two predicted and one computed.
-    cache_config = rfc_core.CacheConfig(threshold=10.0, max_skip=2)
-    settings = runtime.CacheSettings(cache_config, "flux", "blocks", adapter, ("double_block", 0), None)
-    sigmas = torch.linspace(1, 0, steps + 1)
-    # No schedule: these few steps stand for part of a long run, so a short
-    # run's computed last step (rfc_core.run.SHORT_RUN_STEPS) does not apply.
-    session = runtime.SamplingSession(settings, model, None)
-    counter = CostCounter()
+    session, adapter, counter = counted_session("flux", model)
+    runtime = sys.modules[f"{PACK_NAME}.nodes.runtime"]
+    flux_adapter_module = sys.modules[f"{PACK_NAME}.nodes.adapters.flux"]
     evaluation = [0]
 
     def counted_entry(key):
@@ -208,37 +296,75 @@ def count_run(image_side: int, text_tokens: int, steps: int, blocks: tuple[int, 
     x = torch.randn(1, config["in_channels"], image_side, image_side, dtype=torch.bfloat16)
     context = torch.randn(1, text_tokens, config["context_in_dim"], dtype=torch.bfloat16)
     pooled = torch.randn(1, config["vec_in_dim"], dtype=torch.bfloat16)
-    # Module inputs are sampled with the strides the adapter takes at
-    # FLUX.1-dev size (every 16th image token in double blocks, every 18th
-    # joint token in single blocks, every 12th channel), so their traffic
-    # extrapolates and the kernels are the same.
+    # FLUX.1-dev's strides: every 16th image token in double blocks, every
+    # 18th joint token in single blocks, every 12th channel.
     image_tokens = (image_side // 2) ** 2
     dev_strides = {image_tokens: flux_adapter_module.token_stride(FLUX_DEV_TOKENS[0]),
                    image_tokens + text_tokens: flux_adapter_module.token_stride(sum(FLUX_DEV_TOKENS))}
-    dev_channel_stride = flux_adapter_module.channel_stride(FLUX_DEV["hidden_size"])
-    if config["hidden_size"] % dev_channel_stride:
-        raise ValueError(f"the width must be a multiple of {dev_channel_stride}, FLUX.1-dev's channel stride")
-    original_strides = flux_adapter_module.token_stride, flux_adapter_module.channel_stride
-    flux_adapter_module.token_stride = dev_strides.__getitem__
-    flux_adapter_module.channel_stride = lambda channels: dev_channel_stride
-    try:
-        with torch.no_grad(), counter:
-            for step in range(steps):
-                evaluation[0] = step
-                timestep = sigmas[step:step + 1]
-                # SamplingSession.evaluate, in two parts so each is counted in its region.
-                with Region(counter, ("evaluation", step, None)):
-                    session.start_evaluation(timestep)
-                output = model(x, timestep.to(torch.bfloat16), context, pooled, transformer_options=options)
-                with Region(counter, ("evaluation", step, None)):
-                    recompute = session.prediction_unusable([output])
-                if recompute:
-                    output = model(x, timestep.to(torch.bfloat16), context, pooled, transformer_options=options)
-                x = x - 0.01 * output
-    finally:
-        flux_adapter_module.token_stride, flux_adapter_module.channel_stride = original_strides
-    session.finish()
-    computed = [e.computed for e in session.run.evaluations]
+    with strides_at(flux_adapter_module, dev_strides, flux_adapter_module.channel_stride(FLUX_DEV["hidden_size"]),
+                    config["hidden_size"]):
+        computed = count_evaluations(
+            session, counter, evaluation, steps,
+            lambda x, t: model(x, t.to(torch.bfloat16), context, pooled, transformer_options=options), x)
+    return counter.costs, computed, adapter.block_keys(model)
+
+
+def random_nextdit(config: dict, layers: int) -> TinyNextDiT:
+    """A NextDiT of `config`'s widths with `layers` joint layers, seeded random weights, bf16."""
+    torch.manual_seed(0)
+    model = TinyNextDiT({**config, "n_layers": layers})
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0, 0.02)
+    return model.to(torch.bfloat16)
+
+
+def count_nextdit_run(image_side: int, text_tokens: int, steps: int, layers: int, config: dict = ZIMAGE):
+    """count_run for a NextDiT (Z-Image's layout): its blocks reached as
+    the node reaches them in ComfyUI, through object patches of their
+    forward (CachedForward) and the pack's APPLY_MODEL wrapper."""
+    model = random_nextdit(config, layers)
+    session, adapter, counter = counted_session("lumina2", model)
+    runtime = sys.modules[f"{PACK_NAME}.nodes.runtime"]
+    lumina2_adapter_module = sys.modules[f"{PACK_NAME}.nodes.adapters.lumina2"]
+    evaluation = [0]
+
+    def counted_forward(key, block):
+        own = type(block).forward.__get__(block)
+
+        def run_block(*args, **kwargs):
+            with Region(counter, ("block", evaluation[0], key)):
+                return own(*args, **kwargs)
+
+        entry = runtime.CachedForward(*key, ("x",), run_block, own, adapter.block_path(model, *key))
+
+        def forward(*args, **kwargs):
+            with Region(counter, ("pack", evaluation[0], key)):
+                return entry(*args, **kwargs)
+        return forward
+
+    for module in model.modules():
+        if isinstance(module, RMSNorm):
+            count_as_fused(counter, module)
+    for key in adapter.block_keys(model):
+        block = adapter.block(model, *key)
+        block.forward = counted_forward(key, block)
+    options = {runtime.SESSION_KEY: session, "cond_or_uncond": [0]}
+    x = torch.randn(1, config["in_channels"], image_side, image_side, dtype=torch.bfloat16)
+    context = torch.randn(1, text_tokens, config["cap_feat_dim"], dtype=torch.bfloat16)
+
+    def model_call(x, timestep):
+        return runtime.apply_model_wrapper(lambda *_: model(x, timestep.to(torch.bfloat16), context, options), x,
+                                           timestep, transformer_options=options)
+
+    # Z-Image's strides at 1024x1024: every 16th image token in the noise
+    # refiners, every 17th joint token in the layers, every 15th channel.
+    image_tokens = (image_side // 2) ** 2
+    full_size = {image_tokens: lumina2_adapter_module.token_stride(ZIMAGE_TOKENS[0]),
+                 image_tokens + text_tokens: lumina2_adapter_module.token_stride(sum(ZIMAGE_TOKENS))}
+    with strides_at(lumina2_adapter_module, full_size, lumina2_adapter_module.channel_stride(ZIMAGE["dim"]),
+                    config["dim"]):
+        computed = count_evaluations(session, counter, evaluation, steps, model_call, x)
     return counter.costs, computed, adapter.block_keys(model)
 
 
@@ -270,19 +396,20 @@ def summarise(costs, computed, keys) -> dict[str, Cost]:
     plain = _mean(costs[("block", e, key)] for e in evaluations if computed[e] for key in later)
     most_syncs = max(sum(cost.syncs for region, cost in costs.items() if isinstance(region, tuple) and region[1] == e)
                      for e in evaluations)
-    return {"skipped block": skipped, "skipped double block": blocks(True, "double_block"),
-            "skipped single block": blocks(True, "single_block"), "computed block (pack's share)": full,
+    per_kind = {f"skipped {kind.replace('_', ' ')}": blocks(True, kind) for kind in dict.fromkeys(k for k, _ in later)}
+    return {"skipped block": skipped, **per_kind, "computed block (pack's share)": full,
             "evaluation (decision)": decision, "evaluation, most host syncs": Cost(0, 0, most_syncs),
             "plain block (the block's own work)": plain}
 
 
-def at_flux_dev_size(small: dict[str, Cost], large: dict[str, Cost], tokens: tuple[int, int]) -> dict[str, Cost]:
-    """Costs at FLUX.1-dev's 4608 tokens, bytes in R there. Every operation
-    here reads and writes a fixed part (weights, modulation vectors) and a
-    part linear in the tokens, so two sizes determine the bytes at any
-    size; kernels and syncs do not depend on it (checked)."""
-    target = sum(FLUX_DEV_TOKENS)
-    residual_bytes = target * FLUX_DEV["hidden_size"] * 2
+def at_size(small: dict[str, Cost], large: dict[str, Cost], tokens: tuple[int, int], target: int,
+            width: int) -> dict[str, Cost]:
+    """Costs at `target` tokens, bytes in R there (one residual of a block
+    over all of them, `width` wide, bf16). Every operation here reads and
+    writes a fixed part (weights, modulation vectors) and a part linear in
+    the tokens, so two sizes determine the bytes at any size; kernels and
+    syncs do not depend on it (checked)."""
+    residual_bytes = target * width * 2
     scaled = {}
     for name in small:
         a, b = small[name], large[name]
@@ -334,8 +461,43 @@ def counts_at_flux_dev(steps: int = 8, build=random_flux, narrow_config: dict = 
     for side in (16, 24):  # latent sides: 64 and 144 image tokens
         wide.append(summarise(*count_run(side, text_tokens, steps, (2, 2), FLUX_DEV, build)))
         token_counts.append((side // 2) ** 2 + text_tokens)
-    traffic = at_flux_dev_size(*wide, tuple(token_counts))
+    traffic = at_size(*wide, tuple(token_counts), sum(FLUX_DEV_TOKENS), FLUX_DEV["hidden_size"])
     return {name: Cost(cost.kernels, traffic[name].bytes, cost.syncs) for name, cost in narrow.items()}
+
+
+def counts_at_zimage(steps: int = 8) -> dict[str, Cost]:
+    """counts_at_flux_dev for Z-Image: kernels and host syncs at its depth on
+    a narrow NextDiT, traffic at its width (2 + 2 refiners and 2 layers) at
+    two token counts, extrapolated to 1024x1024, in R of a joint layer."""
+    narrow = summarise(*count_nextdit_run(16, 8, steps, ZIMAGE["n_layers"], NARROW_ZIMAGE))
+    text_tokens = 32
+    wide, token_counts = [], []
+    for side in (16, 24):  # latent sides: 64 and 144 image tokens
+        wide.append(summarise(*count_nextdit_run(side, text_tokens, steps, 2, ZIMAGE)))
+        token_counts.append((side // 2) ** 2 + text_tokens)
+    traffic = at_size(*wide, tuple(token_counts), sum(ZIMAGE_TOKENS), ZIMAGE["dim"])
+    return {name: Cost(cost.kernels, traffic[name].bytes, cost.syncs) for name, cost in narrow.items()}
+
+
+def nextdit_block_flops(tokens: int, config: dict) -> float:
+    """Matrix-multiply FLOPs of one NextDiT block over `tokens` tokens."""
+    width = config["dim"]
+    hidden = config["multiple_of"] * -(-int(config["ffn_dim_multiplier"] * width) // config["multiple_of"])
+    return 2 * tokens * width * 4 * width + 3 * 2 * tokens * width * hidden + 4 * tokens * tokens * width
+
+
+def zimage_predicted_share(config: dict = ZIMAGE, tokens: tuple[int, int] = ZIMAGE_TOKENS) -> dict[str, float]:
+    """What a predicted evaluation still computes, as a share of a computed
+    one's block FLOPs: the context refiners (caption only, never cached),
+    and before this release also the noise refiners."""
+    image, caption = tokens
+    refiners = config["n_refiner_layers"]
+    parts = {"context refiners": refiners * nextdit_block_flops(caption, config),
+             "noise refiners": refiners * nextdit_block_flops(image, config),
+             "layers": config["n_layers"] * nextdit_block_flops(image + caption, config)}
+    total = sum(parts.values())
+    return {"now (context refiners)": parts["context refiners"] / total,
+            "before (context and noise refiners)": (parts["context refiners"] + parts["noise refiners"]) / total}
 
 
 # ComfyUI's detection reads a Flux's heads as its width / 128 and fixes its
@@ -597,6 +759,36 @@ def main(argv=None) -> None:
     for nfc in (10, 14):
         projected, ideal = projection(summary, nfc)
         print(f"| {nfc} | {projected:.2f} | {ideal:.2f} |")
+    print()
+    print_zimage(args.steps)
+
+
+def print_zimage(steps: int) -> None:
+    summary = counts_at_zimage(steps)
+    tokens = sum(ZIMAGE_TOKENS)
+    residual_mib = tokens * ZIMAGE["dim"] * 2 / 2**20
+    print(f"### The same at Z-Image size (NextDiT 3840 wide, 2 noise refiners and 30 layers cached, bf16, "
+          f"{ZIMAGE_TOKENS[0]} image and {ZIMAGE_TOKENS[1]} caption tokens; R = one layer's residual = "
+          f"{residual_mib:.0f} MiB, a noise refiner's is {ZIMAGE_TOKENS[0] / tokens:.2f} R)")
+    print()
+    print("Kernels and host syncs counted on Z-Image's 2 + 30 blocks at width 300; traffic at its width on "
+          "2 noise refiners and 2 layers at 96 and 176 tokens, extrapolated. The first noise refiner takes "
+          "each evaluation's decision.")
+    print()
+    print("| per | kernels | traffic (R) | host syncs |")
+    print("|---|---|---|---|")
+    for name, cost in summary.items():
+        if name == "evaluation, most host syncs":
+            print(f"| {name} | | | {cost.syncs:.0f} |")
+        else:
+            print(f"| {name} | {cost.kernels:.3g} | {cost.bytes:.1f} | {cost.syncs:.3g} |")
+    print()
+    print("What a predicted evaluation still computes, as a share of a computed one's block FLOPs:")
+    print()
+    print("| blocks computed on a predicted evaluation | share |")
+    print("|---|---|")
+    for name, share in zimage_predicted_share().items():
+        print(f"| {name} | {share:.4f} |")
 
 
 if __name__ == "__main__":

@@ -129,7 +129,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     whole = unsplit_run(args.samples, args.steps, args.threshold)
     ranks = split_run(args.samples, args.steps, args.threshold)
-    print(f"| run | computed evaluations | block calls | max difference to the unsplit latent |")
+    print("| run | computed evaluations | block calls | max difference to the unsplit latent |")
     print("|---|---|---|---|")
     print(f"| unsplit | {sum(whole.computed)} of {len(whole.computed)} | {whole.block_calls} | - |")
     for rank, result in enumerate(ranks):

@@ -1,4 +1,5 @@
-"""Lumina Image 2.0 (NextDiT, also Z-Image's class): object-patched main layers."""
+"""Lumina Image 2.0 (NextDiT, also Z-Image's class): object-patched noise
+refiners and main layers; the context refiners run every evaluation."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ SPEC = FamilySpec(
     unet_config=LUMINA2_CONFIG,
     latent_shape=(16, 16, 16),
     conditioning=text_conditioning,
-    counted_modules=lambda dm: [layer.attention for layer in dm.layers],
+    counted_modules=lambda dm: [block.attention for block in (*dm.noise_refiner, *dm.layers)],
     probe=lambda block, kind: block.attention.qkv,
 )
 

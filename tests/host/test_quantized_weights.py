@@ -99,21 +99,25 @@ def load(comfy, nodes, tmp_path_factory):
         if reason:
             pytest.skip(reason)
         if (file_format, family_name) not in loaded:
-            loaded[file_format, family_name] = load_file(nodes, folder, file_format, FAMILIES[family_name])
+            loaded[file_format, family_name] = load_file(nodes, folder, file_format, family_name)
         return loaded[file_format, family_name]
 
     return load_case
 
 
-def load_file(nodes, folder: str, file_format: str, family: Family):
+def load_file(nodes, folder: str, file_format: str, family_name: str):
+    family = FAMILIES[family_name]
     spec = family.spec
     built = build(spec.config_class, spec.unet_config, overrides=spec.overrides).model.diffusion_model
     adapter = pack_module(nodes, "nodes.adapters").detect_adapter(built)
     quantized = quantized_files.block_linears(built, adapter)
     kept = quantized_files.first_block_linears(built, adapter)
     state_dict = quantized_files.file_state_dict(built.state_dict(), file_format, quantized, kept)
-    name = quantized_files.write(state_dict, folder, f"{spec.name}_{file_format}.safetensors", file_format, quantized,
-                                 spec.name)
+    # Named by the family key, not the adapter's family: Lumina 2 and Z-Image
+    # share one adapter, and ComfyUI-GGUF maps its file while the model lives,
+    # so a second file of the same name would change the first model's weights.
+    name = quantized_files.write(state_dict, folder, f"{family_name}_{file_format}.safetensors", file_format,
+                                 quantized, spec.name)
     with quantized_files.detection_completed(spec.unet_config, family.fixed):
         model = quantized_files.load_with_unet_loader(folder, name)
     loaded = model.model.diffusion_model

@@ -742,13 +742,7 @@ def main(argv=None) -> None:
           f"a prediction from one point is plain reuse at about half the kernels) and over every block but the "
           f"first, which also takes the decision.")
     print()
-    print("| per | kernels | traffic (R) | host syncs |")
-    print("|---|---|---|---|")
-    for name, cost in summary.items():
-        if name == "evaluation, most host syncs":
-            print(f"| {name} | | | {cost.syncs:.0f} |")
-        else:
-            print(f"| {name} | {cost.kernels:.3g} | {cost.bytes:.1f} | {cost.syncs:.3g} |")
+    print_cost_table(summary)
     print("| skipped block, physical limit | 1 per stream | about 4 | 0 |")
     print()
     print("### Roofline projection onto an H200, FLUX.1-dev 1024x1024, 50 steps (a model of the counts above, "
@@ -763,6 +757,17 @@ def main(argv=None) -> None:
     print_zimage(args.steps)
 
 
+def print_cost_table(summary: dict[str, Cost]) -> None:
+    """The counts of counts_at_flux_dev or counts_at_zimage, one row each."""
+    print("| per | kernels | traffic (R) | host syncs |")
+    print("|---|---|---|---|")
+    for name, cost in summary.items():
+        if name == "evaluation, most host syncs":
+            print(f"| {name} | | | {cost.syncs:.0f} |")
+        else:
+            print(f"| {name} | {cost.kernels:.3g} | {cost.bytes:.1f} | {cost.syncs:.3g} |")
+
+
 def print_zimage(steps: int) -> None:
     summary = counts_at_zimage(steps)
     tokens = sum(ZIMAGE_TOKENS)
@@ -775,13 +780,7 @@ def print_zimage(steps: int) -> None:
           "2 noise refiners and 2 layers at 96 and 176 tokens, extrapolated. The first noise refiner takes "
           "each evaluation's decision.")
     print()
-    print("| per | kernels | traffic (R) | host syncs |")
-    print("|---|---|---|---|")
-    for name, cost in summary.items():
-        if name == "evaluation, most host syncs":
-            print(f"| {name} | | | {cost.syncs:.0f} |")
-        else:
-            print(f"| {name} | {cost.kernels:.3g} | {cost.bytes:.1f} | {cost.syncs:.3g} |")
+    print_cost_table(summary)
     print()
     print("What a predicted evaluation still computes, as a share of a computed one's block FLOPs:")
     print()

@@ -174,15 +174,23 @@ def skip_without_modulation_linear(family: Family):
                     "`modulation` parameter directly")
 
 
-@pytest.mark.parametrize("file_format,family_name", CASES)
-def test_modulation_rows_are_read_on_the_format(load, nodes, monkeypatch, file_format, family_name):
+def rows_of_a_run(load, nodes, monkeypatch, file_format: str, family_name: str):
+    """The family's model loaded from a file in the format, sampled once:
+    the rows read and stacked there (rows_read_in_a_run), and the model's
+    modulation linears by block key. Skips families without such linears."""
     family = FAMILIES[family_name]
     skip_without_modulation_linear(family)
     model = load(file_format, family_name)
     read, stacked = rows_read_in_a_run(nodes, model, family.spec, monkeypatch)
+    return read, stacked, modulation_linears(nodes, model)
+
+
+@pytest.mark.parametrize("file_format,family_name", CASES)
+def test_modulation_rows_are_read_on_the_format(load, nodes, monkeypatch, file_format, family_name):
+    read, stacked, layers = rows_of_a_run(load, nodes, monkeypatch, file_format, family_name)
     unreadable = {key: found for key, (_, _, found) in read.items() if isinstance(found, str)}
     assert not unreadable, unreadable
-    block_keys = list(modulation_linears(nodes, model))
+    block_keys = list(layers)
     assert set(read) == set(block_keys)
     # Every block but the first (whose full module input decides) took its sampled input from the stack.
     assert set(stacked) == set(block_keys[1:])
@@ -201,11 +209,7 @@ def assert_close_for(file_format: str, actual: torch.Tensor, expected: torch.Ten
 
 @pytest.mark.parametrize("file_format,family_name", CASES)
 def test_modulation_rows_are_the_layers_own(load, nodes, monkeypatch, file_format, family_name):
-    family = FAMILIES[family_name]
-    skip_without_modulation_linear(family)
-    model = load(file_format, family_name)
-    read, _ = rows_read_in_a_run(nodes, model, family.spec, monkeypatch)
-    layers = modulation_linears(nodes, model)
+    read, _, layers = rows_of_a_run(load, nodes, monkeypatch, file_format, family_name)
     assert set(read) == set(layers)
     generator = torch.Generator().manual_seed(3)
     for key, (rows, like, found) in read.items():

@@ -5,8 +5,6 @@ leaves without a block adapter: the APPLY_MODEL call is the cached module.
   would run the full-length cold path.
 * StableAudio3: its block patch point drops `local_add_cond`, so even a
   pass-through block patch changes the output.
-* MiniMaxH3: its blocks see packed 2-D tokens without a batch dim, and the
-  model takes batch 1 only.
 * SeedVR2: NaViT-packed tokens without a batch dim, and no DIFFUSION_MODEL
   wrapper.
 * PixelDiTT2I and PiD: two block stacks in pixel space (patch tokens, then
@@ -26,7 +24,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from family_harness import FORCED, FamilyContract, FamilySpec, forced_full_evaluations, nested_latent, rfc
+from family_harness import FORCED, FamilyContract, FamilySpec, forced_full_evaluations, rfc
 from tiny_models import build
 
 
@@ -102,25 +100,6 @@ def seconds_total_weights() -> dict:
                                                            fourier_features_type="expo")
     return {f"conditioner.conditioners.seconds_total.{key}": torch.zeros_like(value)
             for key, value in embedder.state_dict().items()}
-
-
-# --- MiniMaxH3 -------------------------------------------------------------
-
-MINIMAX_VIDEO, MINIMAX_AUDIO = (24, 2, 4, 4), (32, 2, 10)
-
-
-
-
-MINIMAX_H3 = FamilySpec(
-    name="MiniMaxH3Model", config_class="MiniMaxH3", granularity="model",
-    unet_config={"image_model": "minimax_h3", "hidden_size": 64, "num_layers": 2, "token_refiner_num_layers": 1,
-                 "num_attention_heads": 2, "attention_head_dim": 32, "ffn_hidden_size": 128, "latents_dim": 24,
-                 "audio_latents_dim": 32, "text_dim": 32, "timestep_input_dim": 256, "time_embed_hidden_size": 64,
-                 "time_embed_dim": 32, "rope_inv_freq_len": 4},
-    latent_shape=MINIMAX_VIDEO, latent=nested_latent(MINIMAX_VIDEO, MINIMAX_AUDIO), conditioning=_text(32),
-    # blocks[0], not the token refiner: that runs once per sampling in extra_conds
-    counted_modules=lambda dm: [dm.blocks[0]], prepare=_fill_inv_freq,
-)
 
 
 # --- SeedVR2 ---------------------------------------------------------------
@@ -227,25 +206,6 @@ class TestStableAudio3(FamilyContract):
         patcher = build(self.spec.config_class, self.spec.unet_config, checkpoint=seconds_total_weights)
         self.spec.prepare(patcher.model.diffusion_model)
         return patcher
-
-
-class TestMiniMaxH3(FamilyContract):
-    """MiniMaxH3 takes batch 1 only (`MiniMaxH3Model` raises otherwise) and
-    never batches cond with uncond, so cfg 3 runs at batch 1."""
-
-    spec = MINIMAX_H3
-    @pytest.mark.parametrize("cfg,batch", [(1.0, 1), (3.0, 1)])
-    def test_cache_that_never_skips_is_bit_identical(self, model, nodes, cfg, batch):
-        super().test_cache_that_never_skips_is_bit_identical(model, nodes, cfg, batch)
-
-    def test_threshold_zero_is_bit_identical(self, model, nodes):
-        reference, _ = self.run(model, model, cfg=3.0, batch=1)
-        latent, _ = self.run(model, rfc(nodes, model, **{**FORCED, "threshold": 0.0}), cfg=3.0, batch=1)
-        assert torch.equal(latent, reference)
-
-    @pytest.mark.parametrize("cfg,batch", [(1.0, 1), (3.0, 1)])
-    def test_forced_caching_cuts_block_executions_to_about_a_third(self, model, nodes, cfg, batch):
-        super().test_forced_caching_cuts_block_executions_to_about_a_third(model, nodes, cfg, batch)
 
 
 class TestSeedVR2(FamilyContract):

@@ -362,11 +362,11 @@ def node_definitions(nodes_module) -> dict:
     return definitions
 
 
-# What RFC Cache buys on each kind of run, for the notes (README "Recommended settings").
+# What RFC Cache buys on each kind of run, for the notes (README "Settings per model").
 FULL_STEPS = ("**RFC Cache sits right before the {where}**, after every other model patch. At {steps} steps "
               "the defaults (threshold 0.1, max_skip 3) computed about {computed} of {steps} evaluations on the "
               "pack's benchmark models; the node shows how many your run computed.")
-# The node's short-run policy (nodes/runtime/session.py, README "Few-step models").
+# The node's short-run policy (nodes/runtime/session.py, README "Few-step and noise-adding samplers").
 FEW_STEP_RUN = ("RFC Cache recognises the short run and uses its few-step mode: the first third of the blocks "
                 "computed in every evaluation, at most every other evaluation predicted, the last computed. On the "
                 "pack's distilled benchmark model at 8 steps that is 0.83 of the block computations at the default "
@@ -764,9 +764,10 @@ def minimax_h3(w: Workflow):
                     latent_image=conditioned["LATENT"])
     video_out(w, g, g.add("VAEDecode", samples=sampled["output"], vae=found["vae"])["IMAGE"], 24.0,
               "video/RFC_minimax_h3")
-    return ("**RFC Cache sits right before the guider.** MiniMax H3 is cached as whole model calls (its blocks see "
-            "packed tokens); not measured on trained weights, so read the count the node shows after a run. "
-            + speed_lora("Turbo LoRA", 8))
+    return ("**RFC Cache sits right before the guider.** MiniMax H3 is cached block by block: each block's video, "
+            "audio and text rows as modules of their own, the first block's video deciding each step. Not measured "
+            "on trained weights (the pack's tests run a tiny random-weight model), so read the count the node shows "
+            "after a run. " + speed_lora("Turbo LoRA", 8))
 
 
 def lumina2(w: Workflow):

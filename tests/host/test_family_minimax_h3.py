@@ -49,6 +49,16 @@ def fill_inv_freq(diffusion_model) -> None:
                 buffer.copy_(1.0 / (10000 ** (torch.arange(0, 2 * half, 2).float() / (2 * half))))
 
 
+def fill_curve_table(diffusion_model) -> None:
+    """fill_inv_freq, and the time-embedding curve table of a curve-form
+    checkpoint (`adaln_curve_grid`: no time embedder, the modulation linears
+    take interpolated rows of this table, without SiLU, in float32)."""
+    fill_inv_freq(diffusion_model)
+    with torch.no_grad():
+        table = diffusion_model.adaln_t_table
+        table.copy_(torch.randn(table.shape, generator=torch.Generator().manual_seed(3)))
+
+
 def text(**extras):
     """Seeded text conditioning with `extras` (callables get the generator)."""
     def make(batch: int, seed: int) -> list:
@@ -73,12 +83,13 @@ def stream_rows(video, audio):
     return probe_input
 
 
-def spec(name="minimax_h3", video=VIDEO, audio=AUDIO, conditioning=None) -> FamilySpec:
-    return FamilySpec(empty_streams=("audio",) if audio_rows(audio) == 0 else (),
-        name=name, config_class="MiniMaxH3", unet_config=CONFIG, latent_shape=video,
+def spec(video=VIDEO, audio=AUDIO, conditioning=None, config=CONFIG, prepare=fill_inv_freq) -> FamilySpec:
+    return FamilySpec(
+        name="minimax_h3", config_class="MiniMaxH3", unet_config=config, latent_shape=video,
         latent=nested_latent(video, audio), conditioning=conditioning or text(),
         probe=lambda block, kind: {stream: block.attn.qkv_proj for stream in ("video", "audio", "prefix")},
-        probe_input=stream_rows(video, audio), prepare=fill_inv_freq,
+        probe_input=stream_rows(video, audio), prepare=prepare,
+        empty_streams=("audio",) if audio_rows(audio) == 0 else (),
     )
 
 
@@ -109,6 +120,8 @@ VARIANTS = {
     "references": spec(conditioning=text(minimax_refs=references)),
     # Vision pads in the prompt carry the video modality: the text splits into tag runs.
     "token_tags": spec(conditioning=text(minimax_token_tags=torch.tensor([[1, 1, 0, 0, 1, 2, 2, 1]]))),
+    # Checkpoints shipped over a time-embedding curve (ComfyUI's `adaln_curve_grid`).
+    "curve_adaln": spec(config={**CONFIG, "adaln_curve_grid": 16}, prepare=fill_curve_table),
 }
 
 
@@ -234,6 +247,15 @@ class TestReferences(_Variant):
 
 class TestTokenTags(_Variant):
     spec = VARIANTS["token_tags"]
+
+
+class TestCurveAdaln(_Variant):
+    spec = VARIANTS["curve_adaln"]
+
+    def test_the_modulation_takes_the_curve_without_silu(self, model):
+        block = model.model.diffusion_model.blocks[0]
+        assert block.adaln_proj.apply_silu is False
+        assert block.adaln_proj.linear.weight.dtype == torch.float32
 
 
 def test_audio_only_is_no_run_of_this_model(comfy):

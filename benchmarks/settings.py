@@ -1,6 +1,7 @@
 """Benchmark: what RFC's default (RFE + RCS, order 1) computes and how close
 it stays to full compute, per threshold, step count and max_skip, on each
-bundled model. The README's recommended settings come from this table.
+bundled model. The README's settings per model come from this table
+(docs/benchmark.md, "Choosing the defaults").
 
     python -m benchmarks.settings                  # both models, about 4 minutes on 2 CPU cores
     python -m benchmarks.settings --model nextdit

@@ -13,7 +13,7 @@ from .runtime import (MODEL_MODULE, SETTINGS_KEY, WRAPPER_KEY, CacheSettings, Ca
 
 logger = logging.getLogger("ComfyUI-RFC")
 
-# Measured defaults: see README "Choosing the defaults".
+# Measured defaults: see docs/benchmark.md "Choosing the defaults".
 DEFAULTS = CacheConfig()
 # auto: each transformer block where the family has an adapter, else the
 # whole model call; model: always the whole model call.

@@ -23,7 +23,7 @@ computation, passes a threshold. The threshold is estimated online:
   window will force later.
 
 Chosen on the bundled benchmark model (benchmarks/target_speedup.py; its
-table is in the README), against the best of 48 hand-set thresholds at the
+table is in docs/benchmark.md), against the best of 48 hand-set thresholds at the
 same number of full computations over 26 settings (20 to 50 steps, max_skip
 3 and 5): without the pacing the run spent its leftover budget on the last
 evaluations in a row and averaged +0.4 dB; with it +0.9 dB (pacing offsets

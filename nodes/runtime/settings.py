@@ -12,7 +12,7 @@ SESSION_KEY = "rfc_cache_session"
 SUMMARY_EVENT = "rfc-cache.summary"
 # Set by a sequence-parallel pack in the model's transformer options: a
 # function that sums a tensor over the ranks that each hold a slice of the
-# tokens (see rfc_core.run.RFCRun, README "Multi-GPU").
+# tokens (see rfc_core.run.RFCRun, docs/multi_gpu.md).
 RANK_SUM_KEY = "rfc_cache_rank_sum"
 MODEL_MODULE = "model"
 # Where core's EasyCache and LazyCache nodes keep their state.

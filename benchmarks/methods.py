@@ -66,6 +66,10 @@ class Method:
     scheduler: str  # "fixed", "rcs", "easycache" or "spectrum"
     order: int = 0
     granularity: str = "blocks"  # or "model": the pack's fallback for models without a block adapter
+    # The memory layout's widgets (rfc_core.memory): how residual slots are
+    # stored and how many blocks one cached unit spans (0: the plan's choice).
+    cache_dtype: str = "auto"
+    cache_span: int = 0
 
     @property
     def searches_threshold(self) -> bool:
@@ -77,7 +81,7 @@ class Method:
             return CacheConfig(estimator=self.estimator, scheduler="fixed", order=self.order, interval=setting,
                                max_skip=max(1, setting - 1))
         return CacheConfig(estimator=self.estimator, scheduler="rcs", order=self.order, threshold=setting,
-                           max_skip=max_skip)
+                           max_skip=max_skip, cache_dtype=self.cache_dtype, cache_span=self.cache_span)
 
 
 METHODS = (

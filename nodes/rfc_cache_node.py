@@ -9,7 +9,7 @@ from ..rfc_core import CACHE_DEVICES, CACHE_DTYPES, ESTIMATORS, RANGES, SCHEDULE
 from .adapters import REPLACE, BlockAdapter, detect_adapter, supported_families
 from .runtime import (MODEL_MODULE, SETTINGS_KEY, WRAPPER_KEY, CacheSettings, CachedBlock, CachedForward,
                       apply_model_wrapper, calc_cond_batch_wrapper, forward_patch_key, outer_sample_wrapper,
-                      refuse_other_cache)
+                      prepare_sampling_wrapper, refuse_other_cache)
 
 logger = logging.getLogger("ComfyUI-RFC")
 
@@ -61,11 +61,22 @@ TARGET_INPUTS = {
 MEMORY_INPUTS = {
     "cache_device": (list(CACHE_DEVICES), {"default": DEFAULTS.cache_device,
                                            "tooltip": "Where cached features are kept. auto: on the model's device "
-                                                      "unless they would take more than half its free memory; "
-                                                      "cpu: system memory, slower but frees VRAM."}),
+                                                      "while the cache fits beside the step there, else system "
+                                                      "memory; cpu: system memory, slower but frees VRAM."}),
     "cache_dtype": (list(CACHE_DTYPES), {"default": DEFAULTS.cache_dtype,
-                                         "tooltip": "dtype of cached features. auto: the model's; float16 or "
-                                                    "bfloat16 halve a float32 model's cache."}),
+                                         "tooltip": "dtype of cached features. auto: the model's, or int8 where the "
+                                                    "cache must shrink to fit; int8: about half a bf16 cache; "
+                                                    "float16 or bfloat16 halve a float32 model's cache."}),
+}
+
+# After short_runs: widgets added later come last (see TARGET_INPUTS).
+MEMORY_PLAN_INPUTS = {
+    "cache_span": _int_widget("cache_span", DEFAULTS.cache_span,
+                              "Consecutive blocks cached as one unit. 0: auto, per block where the cache fits, "
+                              "else the shortest span that does. 2 halves the cache."),
+    "memory_budget": _float_widget("memory_budget", DEFAULTS.memory_budget, 0.01,
+                                   "Most GB the whole cache may take, wherever it is kept. 0: auto, what the GPU "
+                                   "can give beside the step, then system memory."),
 }
 
 SHORT_RUN_INPUTS = {
@@ -130,6 +141,7 @@ def apply_rfc_cache(model, config: CacheConfig, node_id: str | None = None, gran
     # Set last: ComfyUI replaces the transformer options dict when a patch is added.
     patched.model_options["transformer_options"][SETTINGS_KEY] = settings
     for wrapper_type, wrapper in ((WrappersMP.OUTER_SAMPLE, outer_sample_wrapper),
+                                  (WrappersMP.PREPARE_SAMPLING, prepare_sampling_wrapper),
                                   (WrappersMP.CALC_COND_BATCH, calc_cond_batch_wrapper),
                                   (WrappersMP.APPLY_MODEL, apply_model_wrapper)):
         patched.remove_wrappers_with_key(wrapper_type, WRAPPER_KEY)
@@ -197,7 +209,7 @@ class RFCCacheAdvanced(RFCCache):
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {**BASIC_INPUTS, **ADVANCED_INPUTS, **TARGET_INPUTS, **MEMORY_INPUTS,
-                             **SHORT_RUN_INPUTS},
+                             **SHORT_RUN_INPUTS, **MEMORY_PLAN_INPUTS},
                 "hidden": {"unique_id": "UNIQUE_ID"}}
 
 

@@ -9,11 +9,12 @@ from .estimators import ESTIMATORS
 from .storage import DTYPES
 
 SCHEDULERS = ("rcs", "fixed")
-# auto: on the model's device unless the cache would take more than a share
-# of the free device memory (rfc_core.storage); model: always on the model's
-# device; cpu: always in system memory.
+# auto: where the memory plan puts it (rfc_core.memory): the model's device
+# while the cache fits beside the step there, else system memory; model:
+# always on the model's device; cpu: always in system memory.
 CACHE_DEVICES = ("auto", "model", "cpu")
-# auto: the dtype the model computed the feature in.
+# auto: the dtype the model computed the feature in, or int8 where the plan
+# needs it to fit; int8: residual slots as int8 with group-wise scales.
 CACHE_DTYPES = ("auto", *DTYPES)
 
 # (low, high) inclusive, per widget; the node definitions read the same table.
@@ -26,6 +27,8 @@ RANGES = {
     "end_percent": (0.0, 1.0),
     "target_speedup": (0.0, 20.0),
     "computed_head": (0.0, 1.0),
+    "cache_span": (0, 64),
+    "memory_budget": (0.0, 1024.0),
 }
 
 
@@ -58,6 +61,12 @@ class CacheConfig:
         computed ones hand on. Spends compute below whole evaluations, which
         few-step runs need (each step is a large jump); 0 predicts whole
         evaluations. Block granularity only.
+    cache_span: consecutive blocks cached as one unit, whose summed residual
+        is forecast from its first block's input; 0: the memory plan picks
+        the finest that fits (1, per block, where the cache fits).
+    memory_budget: the most the whole cache may take, in GB (2^30 bytes),
+        wherever it is kept; 0: what the device and system memory can give
+        (rfc_core.memory).
     """
 
     threshold: float = 0.1
@@ -72,6 +81,8 @@ class CacheConfig:
     cache_device: str = "auto"
     cache_dtype: str = "auto"
     computed_head: float = 0.0
+    cache_span: int = 0
+    memory_budget: float = 0.0
 
     def __post_init__(self):
         for widget in RANGES:
@@ -132,5 +143,9 @@ class CacheConfig:
         if self.computed_head:
             rule += f", first {self.computed_head:.0%} of blocks always computed"
         storage = f"cache on {self.cache_device}" + ("" if self.cache_dtype == "auto" else f" in {self.cache_dtype}")
+        if self.cache_span:
+            storage += f", spans of {self.cache_span}"
+        if self.memory_budget:
+            storage += f", at most {self.memory_budget:g} GB"
         return (f"{self.estimator} + {self.scheduler} (order {self.order}, {rule}, max_skip {self.max_skip}, "
                 f"{storage})")

@@ -186,12 +186,12 @@ class RelationalEstimator(TaylorEstimator):
         # until the run reads it.
         self.trust_sums: torch.Tensor | None = None
 
-    def _trust_sample(self, values: torch.Tensor) -> torch.Tensor:
-        """Every k-th feature of each slot, k odd so a stride over
-        (tokens x channels) walks through the channels as well."""
-        if self.trust_sample is None:
-            return values
-        return values[..., ::max(1, values.shape[-1] // self.trust_sample) | 1]
+    def _trust_sample(self, stream: int) -> torch.Tensor:
+        """Every k-th feature of each slot of a stream, k odd so a stride
+        over (tokens x channels) walks through the channels as well."""
+        features = self.history.values[stream].shape[-1]
+        return self.history.sampled(stream, 1 if self.trust_sample is None
+                                    else max(1, features // self.trust_sample) | 1)
 
     @torch.compiler.disable
     def reserve(self, sigma: float, likes: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -203,9 +203,9 @@ class RelationalEstimator(TaylorEstimator):
             newest = history.slots[0]
             direction = [t - n for t, n in zip(history.weights_by_slot(sigma), history.newest_by_slot())]
             steps = []
-            for values in history.values:
-                sample = self._trust_sample(values)
-                weights = history.bank.vector(direction, values.shape[0], sample)
+            for stream in range(len(history.values)):
+                sample = self._trust_sample(stream)
+                weights = history.bank.vector(direction, sample.shape[0], sample)
                 steps.append(torch.bmm(weights, sample).squeeze(1))
             self._forecast_step = (steps, newest)
         return super().reserve(sigma, likes)
@@ -225,14 +225,14 @@ class RelationalEstimator(TaylorEstimator):
             self.input_step = inverse_change * history.bank.vector(self._along_older(), 1, inverse_change)
             if self.order >= 2:
                 newest, older = history.slots[:2]
-                self.output_change = self._norm_over_streams(values[:, newest] - values[:, older]
-                                                             for values in history.values)
+                self.output_change = self._norm_over_streams(values[:, 0] - values[:, 1] for values in (
+                    history.sampled(stream)[:, [newest, older]] for stream in range(len(history.values))))
         self.last_input = history.storage.keep(module_input)
-        values = history.values[0]
-        if self._weights is None or self._weights.shape[0] != values.shape[0] or self._weights.dtype != values.dtype:
+        like = history._like
+        if self._weights is None or self._weights.shape[0] != like.shape[0] or self._weights.dtype != like.dtype:
             # Where predictions write their weights: allocated once per run, when recording.
-            self._weights = torch.empty((values.shape[0], 1, history.slot_count), dtype=values.dtype,
-                                        device=values.device)
+            self._weights = torch.empty((like.shape[0], 1, history.slot_count), dtype=like.dtype,
+                                        device=like.device)
 
     # Not traced by torch.compile: a traced graph may sum in another order,
     # and a trust that differs in its last bit changes every prediction.
@@ -247,8 +247,8 @@ class RelationalEstimator(TaylorEstimator):
             return
         newest = history.slots[0]
         actual_dot, forecast_square = 0.0, 0.0
-        for values, step in zip(history.values, steps):
-            sample = self._trust_sample(values)
+        for stream, step in enumerate(steps):
+            sample = self._trust_sample(stream)
             actual = (sample[:, newest] - sample[:, older]).float()
             step = step.float()
             # nansum: NaN in a token the model drops (text tokens after the

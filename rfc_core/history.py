@@ -27,7 +27,7 @@ from typing import Sequence
 
 import torch
 
-from .storage import FeatureStorage
+from .storage import FeatureStorage, QuantizedSlots, ScratchPool, empty
 
 # Two full computations closer than this (relative to sigma) are treated as
 # the same point: a polynomial through both would amplify noise without bound.
@@ -60,6 +60,9 @@ class WeightBank:
 
     def __init__(self):
         self._vectors: dict = {}
+        # The run's working tensors (storage.ScratchPool), shared like the
+        # weights by every history; kept across evaluations.
+        self.scratch = ScratchPool()
 
     def clear(self) -> None:
         self._vectors.clear()
@@ -80,14 +83,18 @@ class FeatureHistory:
     """The newest `order + 1` values of one feature (one tensor per stream,
     each (batch, features)), newest first."""
 
-    def __init__(self, order: int, storage: FeatureStorage | None = None, bank: WeightBank | None = None):
+    def __init__(self, order: int, storage: FeatureStorage | None = None, bank: WeightBank | None = None,
+                 scratch: ScratchPool | None = None):
         self.order = order
         self.storage = storage or FeatureStorage()
         self.bank = bank or WeightBank()
+        # Where a quantized slot's value is written before it is quantized.
+        self.scratch = scratch or self.bank.scratch
         self.nodes: list[float] = []
         self.slots: list[int] = []
-        # Per stream: (batch, order + 1, features), on the storage's device and in its dtype.
-        self.values: list[torch.Tensor] = []
+        # Per stream: (batch, order + 1, features), on the storage's device
+        # and in its dtype; QuantizedSlots where the storage is int8.
+        self.values: list[torch.Tensor | QuantizedSlots] = []
         self._reserved: tuple[float, int] | None = None
         # The features' own dtype and device, which forecasts are handed back in.
         self._feature: tuple[torch.dtype, torch.device] | None = None
@@ -117,9 +124,7 @@ class FeatureHistory:
             # Zeros, not empty: a forecast from fewer points than slots
             # weighs the unused ones 0, and 0 times uninitialised memory
             # can be NaN.
-            self.values = [torch.zeros((t.shape[0], self.slot_count, t[0].numel()),
-                                       dtype=self.storage.dtype or t.dtype, device=self.storage.device or t.device)
-                           for t in likes]
+            self.values = [self._allocate(t) for t in likes]
         self._feature = (likes[0].dtype, likes[0].device)
         self._drop_same_point(x)
         if len(self.nodes) == self.slot_count:
@@ -127,12 +132,27 @@ class FeatureHistory:
             self.slots.pop()
         slot = min(set(range(self.slot_count)) - set(self.slots))
         self._reserved = (x, slot)
+        if self.storage.quantized:
+            # Written in the feature's dtype, quantized into the slot by `commit`.
+            return [self.scratch.get(("quantize", stream), t.reshape(t.shape[0], -1).shape, t.dtype, t.device)
+                    for stream, t in enumerate(likes)]
         return [v[:, slot] for v in self.values]
+
+    def _allocate(self, like: torch.Tensor):
+        shape = (like.shape[0], self.slot_count, like[0].numel())
+        device = self.storage.device or like.device
+        if self.storage.quantized:
+            return QuantizedSlots(*shape, like.dtype, device)
+        return empty(shape, self.storage.dtype or like.dtype, device)
 
     def commit(self) -> None:
         """The reserved slot holds the value at its sigma: make it the newest point."""
         x, slot = self._reserved
         self._reserved = None
+        if self.storage.quantized:
+            for stream, values in enumerate(self.values):
+                values.write(slot, self.scratch.get(("quantize", stream), (values.shape[0], values.shape[2]),
+                                                    *self._feature))
         self.nodes.insert(0, x)
         self.slots.insert(0, slot)
 
@@ -160,7 +180,9 @@ class FeatureHistory:
         in storage of that size: the tokens a patch removed from the end of
         a stream (core's FluxKVCache drops the reference images' tokens after
         the first step) are dropped from every point, and their memory freed."""
-        self.values = [v[..., :count].clone() if v.shape[2] > count else v for v, count in zip(self.values, features)]
+        self.values = [v if v.shape[2] <= count else
+                       v.keep_leading(count) if isinstance(v, QuantizedSlots) else v[..., :count].clone()
+                       for v, count in zip(self.values, features)]
 
     def weights_by_slot(self, x: float) -> list[float]:
         by_slot = [0.0] * self.slot_count
@@ -180,8 +202,13 @@ class FeatureHistory:
         results = []
         for stream, values in enumerate(self.values):
             base = None if bases is None else flat(bases[stream])
-            weights = (self.bank.vector(by_slot, values.shape[0], values) if not isinstance(by_slot, torch.Tensor)
+            weights = (self.bank.vector(by_slot, values.shape[0], self._like) if not isinstance(by_slot, torch.Tensor)
                        else by_slot)
+            if isinstance(values, QuantizedSlots):
+                device = base.device if base is not None else self._feature[1]
+                combined = values.to(device).accumulate(weights.to(device), base)
+                results.append(combined if base is None else combined.to(base.dtype))
+                continue
             if base is not None and base.dtype == values.dtype and base.device == values.device:
                 # The hot path: one kernel, reading the input and the slots once.
                 results.append(torch.baddbmm(base.unsqueeze(1), weights.to(values.dtype), values).squeeze(1))
@@ -197,12 +224,32 @@ class FeatureHistory:
     def forecast(self, x: float) -> list[torch.Tensor]:
         return self.combine(self.weights_by_slot(x))
 
+    @property
+    def _like(self) -> torch.Tensor:
+        """A tensor in the dtype and on the device predictions are weighted in."""
+        values = self.values[0]
+        return values.scales if isinstance(values, QuantizedSlots) else values
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self._like.dtype
+
+    def sampled(self, stream: int, step: int = 1) -> torch.Tensor:
+        """Every `step`-th feature of every slot of a stream, (batch, slots,
+        features / step), as values (dequantized where stored as int8)."""
+        values = self.values[stream]
+        if isinstance(values, QuantizedSlots):
+            return values.values(features=slice(None, None, step))
+        return values if step == 1 else values[..., ::step]
+
     def relocate(self, storage: FeatureStorage) -> None:
         self.storage = storage
-        self.values = [storage.keep(v) for v in self.values]
+        self.values = [v.to(storage.device or v.device) if isinstance(v, QuantizedSlots) else storage.keep(v)
+                       for v in self.values]
 
     def tensors(self) -> list[torch.Tensor]:
-        return list(self.values)
+        return [t for v in self.values for t in (v.tensors() if isinstance(v, QuantizedSlots) else [v])]
 
     def nbytes(self) -> int:
-        return sum(v.numel() * v.element_size() for v in self.values)
+        return sum(v.nbytes() if isinstance(v, QuantizedSlots) else v.numel() * v.element_size()
+                   for v in self.values)

@@ -502,7 +502,8 @@ class RFCRun:
         return None
 
     def cache_bytes(self) -> int:
-        return sum(chunk.nbytes() for chunk in self.chunks.values())
+        """Everything the run holds: cached features and the working tensors."""
+        return sum(chunk.nbytes() for chunk in self.chunks.values()) + self.bank.scratch.nbytes()
 
     def _track_memory(self) -> None:
         self.peak_bytes = max(self.peak_bytes, self.cache_bytes())
@@ -515,6 +516,7 @@ class RFCRun:
         self.chunks.clear()
         self._unread_trust.clear()
         self.bank.clear()
+        self.bank.scratch.clear()
 
     @property
     def computed_evaluations(self) -> int:

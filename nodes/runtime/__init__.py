@@ -3,6 +3,9 @@
 Everything reaches ComfyUI through its extension points only:
 - an OUTER_SAMPLE wrapper opens a `SamplingSession` for the run and closes
   it in `finally`, so an interrupted run leaves nothing behind;
+- a PREPARE_SAMPLING wrapper reads ComfyUI's memory estimate for a step,
+  which the cache is planned beside (memory.py, rfc_core.memory), and keeps
+  an earlier run's device cache free while weights load;
 - a CALC_COND_BATCH wrapper marks the start of each model evaluation (once per
   evaluation, however the conditionings are chunked) and checks its output;
 - an APPLY_MODEL wrapper makes the session reachable from every block of
@@ -34,6 +37,7 @@ Where each part is:
   model call, faults, what a sampler changes, the summary;
 - patches.py: the block hooks and how they stay in place beside other
   nodes' patches;
+- memory.py: what memory a run's cache may take, from ComfyUI's queries;
 - active_call.py: the model call in progress on this thread;
 - summary.py: the run as the front-end draws it.
 """
@@ -44,11 +48,12 @@ from .session import SamplingSession, rebuild_leaves, tensor_leaves
 from .settings import (EASYCACHE_KEY, K6_MAGCACHE_KEY, MODEL_MODULE, MULTIGPU_THREAD_KEY, RANK_SUM_KEY,
                        SAMPLER_STATE_KEYS, SESSION_KEY, SETTINGS_KEY, SUMMARY_EVENT, WRAPPER_KEY, CacheSettings)
 from .summary import summary_message
-from .wrappers import apply_model_wrapper, calc_cond_batch_wrapper, outer_sample_wrapper, refuse_other_cache
+from .wrappers import (apply_model_wrapper, calc_cond_batch_wrapper, outer_sample_wrapper, prepare_sampling_wrapper,
+                       refuse_other_cache)
 from ...rfc_core import RFCRun
 
 __all__ = ["_ACTIVE_CALL", "ActiveCall", "active_diffusion_model", "CachedBlock", "CachedForward", "forward_patch_key",
            "SamplingSession", "rebuild_leaves", "tensor_leaves", "EASYCACHE_KEY", "K6_MAGCACHE_KEY", "MODEL_MODULE",
            "MULTIGPU_THREAD_KEY", "RANK_SUM_KEY", "SAMPLER_STATE_KEYS", "SESSION_KEY", "SETTINGS_KEY",
            "SUMMARY_EVENT", "WRAPPER_KEY", "CacheSettings", "summary_message", "apply_model_wrapper",
-           "calc_cond_batch_wrapper", "outer_sample_wrapper", "refuse_other_cache", "RFCRun"]
+           "calc_cond_batch_wrapper", "prepare_sampling_wrapper", "outer_sample_wrapper", "refuse_other_cache", "RFCRun"]

@@ -8,15 +8,18 @@ import dataclasses
 import logging
 import sys
 import threading
+from typing import NamedTuple
 
 import torch
 
 from ...rfc_core import CacheConfig, RFCRun
 from ...rfc_core.history import flat
+from ...rfc_core.memory import Footprint, Layout, choose_layout
 from ...rfc_core.run import SHORT_RUN_STEPS, format_bytes
-from ...rfc_core.storage import FeatureStorage, should_offload, storage_for
-from ..adapters.base import batch_first, chunk_identity, pack
+from ...rfc_core.storage import DTYPES, FeatureStorage, storage_for
+from ..adapters.base import MODULE_INPUT_CHANNELS, MODULE_INPUT_TOKENS, batch_first, chunk_identity, pack
 from .active_call import active_diffusion_model
+from .memory import budget_for
 from .settings import MODEL_MODULE, CacheSettings
 from .summary import send_summary
 
@@ -107,6 +110,22 @@ def config_for_short_run(config: CacheConfig, schedule, granularity: str) -> tup
                     f"evaluation, at most one evaluation in a row predicted")
 
 
+class Span(NamedTuple):
+    """Consecutive blocks of one group cached as one unit (rfc_core.memory):
+    the leader's key is the unit's, and the last block's index closes it."""
+    leader: tuple
+    last: int
+
+
+class OpenSpan(NamedTuple):
+    """A span being computed: its summed residual so far, per stream."""
+    leader: tuple
+    chunk_key: object
+    module_input: torch.Tensor | None
+    names: tuple
+    residuals: list
+
+
 class SamplingSession:
     """One sampling run of one patched model."""
 
@@ -149,6 +168,19 @@ class SamplingSession:
         # Blocks another node's forward patch may have taken from us, by
         # module key, until they reach the cache (see forwards_replaced_later).
         self.unseen_blocks: dict = {}
+        # The cache's layout, chosen at the first block before anything is
+        # allocated (plan_cache); None until then.
+        self.layout: Layout | None = None
+        self.footprint: Footprint | None = None
+        # Block key -> its Span, for blocks cached in spans of more than one.
+        self.spans: dict = {}
+        # Set by the wrappers: how many conditionings an evaluation runs
+        # (cond and uncond: 2), and ComfyUI's estimate of a step's memory.
+        self.conditionings: int | None = None
+        self.step_bytes = 0
+        # The noise shape this run was prepared for, which the settings
+        # remember the device part of the cache by (wrappers.prepare_sampling_wrapper).
+        self.shape_key = None
 
     def _head_blocks(self, config, adapter, diffusion_model) -> frozenset:
         """The first blocks, in the order the model runs them, that
@@ -192,20 +224,73 @@ class SamplingSession:
 
     def start_evaluation(self, timestep) -> None:
         """timestep: the sampler's sigma tensor (read only when needed) or a number."""
-        if len(self.run.evaluations) == 1 and self.settings.config.cache_device == "auto" and not self.caching_off:
-            self._offload_if_needed()
         self.run.start_evaluation(timestep)
 
-    def _offload_if_needed(self) -> None:
-        """cache_device auto, after the first evaluation: the cache holds one
-        point per module now and order + 1 once warmed up. If that would
-        crowd the device, keep it in system memory from here on."""
-        device = self.run.cached_device()
-        projected = self.run.cache_bytes() * (self.settings.config.order + 1)
-        if device is not None and should_offload(projected, device):
-            logger.info("RFC: the cache would take about %s, more than half the free memory of %s; keeping it in "
-                        "system memory (cache_device auto)", format_bytes(projected), device)
-            self.run.relocate(FeatureStorage("cpu", self.run.storage.dtype))
+    def _group_blocks(self) -> tuple[list[list[tuple]], list[tuple]]:
+        """The blocks that may be cached in spans, as runs of consecutive
+        blocks of one group, and those cached one by one (the computed head,
+        groups whose streams are cached apart)."""
+        runs, singles = [], []
+        for key in self.adapter.block_keys(self.diffusion_model):
+            if self.run.in_head(key) or self.adapter.group(key[0]).separate_streams:
+                singles.append(key)
+            elif runs and runs[-1][-1][0] == key[0] and runs[-1][-1][1] + 1 == key[1]:
+                runs[-1].append(key)
+            else:
+                runs.append([key])
+        return runs, singles
+
+    def plan_cache(self, first_rows: list[torch.Tensor], module_input, transformer_options: dict) -> None:
+        """Project the whole run's cache at the first block, before any of it
+        exists, and choose the finest layout the memory admits
+        (rfc_core.memory); where none does, cache the whole model call."""
+        config = self.run.config
+        batch = first_rows[0].shape[0]
+        in_chunk = len(transformer_options.get("cond_or_uncond") or [0]) or 1
+        samples = max(1, batch // in_chunk) * (self.conditionings or in_chunk)
+        first_input = module_input.numel() // batch if module_input is not None else 0
+        sampled = (min(first_input, MODULE_INPUT_TOKENS * MODULE_INPUT_CHANNELS)
+                   if config.estimator == "rfe" else 0)
+        fixed_dtype = DTYPES.get(config.cache_dtype)
+        element = (first_rows[0].element_size() if fixed_dtype in (None, torch.int8)
+                   else torch.empty((), dtype=fixed_dtype).element_size())
+        runs, singles = self._group_blocks()
+        self.footprint = Footprint(tuple(len(r) for r in runs) + (1,) * len(singles),
+                                   sum(r.shape[1] for r in first_rows), first_input, sampled, element, samples,
+                                   config.order + 1, batch)
+        budget, separate_system = budget_for(first_rows[0].device, self.step_bytes, config.memory_budget)
+        system = {"model": False, "cpu": True}.get(config.cache_device)
+        if not separate_system:
+            system = False
+        int8 = None if config.cache_dtype == "auto" else config.cache_dtype == "int8"
+        layout = choose_layout(self.footprint, budget, config.cache_span or None, int8, system)
+        limits = ", ".join(f"{name} {format_bytes(value)}" for name, value in
+                           (("device", budget.device), ("system", budget.system), ("memory_budget", budget.cap))
+                           if value is not None and (name != "system" or separate_system))
+        if layout is None:
+            smallest = min(self.footprint.total(c) for c in
+                           (Layout(max(self.footprint.group_blocks), True, False),
+                            Layout(max(self.footprint.group_blocks), True, True)))
+            logger.warning("RFC: a block-level cache of this run needs at least %s with these widgets, more than "
+                           "the memory there is (%s); caching the whole model call instead", format_bytes(smallest),
+                           limits or "no limit read")
+            self.fault_notes.append(f"block-level cache did not fit ({limits}): the whole model call was cached")
+            self.granularity = "model"
+            self.run.rebase(MODEL_MODULE)
+            return
+        self.layout = layout
+        self.run.storage = FeatureStorage("cpu" if layout.system else None,
+                                          torch.int8 if layout.int8 else (fixed_dtype or None))
+        for run in runs:
+            for start in range(0, len(run), layout.span):
+                members = run[start:start + layout.span]
+                if len(members) > 1:
+                    for key in members:
+                        self.spans[key] = Span(members[0], members[-1][1])
+        parts = ", ".join(f"{name} {format_bytes(size)}" for name, size in self.footprint.parts(layout).items())
+        logger.info("RFC: the cache will take %s (%s), %s; budget: %s", format_bytes(self.footprint.total(layout)),
+                    parts, layout.describe(), limits or "none read")
+        self.settings.device_cache_bytes[self.shape_key] = self.footprint.on_device(layout)
 
     def fail(self, where: str) -> None:
         """Caching broke; called from the `except` that caught it. A block
@@ -343,7 +428,16 @@ class SamplingSession:
                 for unit_key, unit_names in units:
                     run.keep_leading(chunk_key, unit_key, [inputs[name].numel() // inputs[name].shape[batch_dim]
                                                            for name in unit_names])
+            span = self.spans.get(block_key)
+            if span is not None and span.leader != block_key:
+                return self._run_span_member(kind, index, span, args, compute, inputs, chunk_key, batch_dim)
             module_inputs = self._module_inputs(kind, index, args, units)
+            if self.layout is None:
+                self.plan_cache([_rows(inputs[name], batch_dim) for name in names],
+                                module_inputs.get(self.settings.first_module), transformer_options)
+                if not self.caches_blocks:
+                    return compute(args)
+                span = self.spans.get(block_key)
             if all(run.predicts(chunk_key, unit_key, module_inputs.get(unit_key)) for unit_key, _ in units):
                 predicted = dict(inputs)  # streams that are not cached pass through
                 for unit_key, unit_names in units:
@@ -353,11 +447,15 @@ class SamplingSession:
                         predicted[name] = value.view(base.shape).movedim(0, batch_dim)
                 run.count_module(predicted=True)
                 return adapter.write_streams(kind, predicted)
-            in_slots = returns_known and run.storage.device is None and run.records()
+            in_slots = (returns_known and run.storage.device is None and not run.storage.quantized and span is None
+                        and run.records())
             kept = self._keep_inputs(chunk_key, units, inputs, batch_dim, in_slots)
         except Exception:
             self.fail(f"predicting {module}")
             return compute(args)
+        if span is not None:
+            return self._compute_span_leader(block_key, args, compute, units, kept, module_inputs, chunk_key,
+                                             batch_dim)
         try:
             output = compute(args)
         except BaseException:
@@ -387,6 +485,66 @@ class SamplingSession:
                 run.store(chunk_key, unit_key, module_inputs.get(unit_key), residuals)
         except Exception:
             self.fail(f"recording {module}")
+        return output
+
+    def _compute_span_leader(self, block_key, args, compute, units, kept, module_inputs, chunk_key, batch_dim):
+        """Compute a span's first block and start adding up the span's
+        residual (Span); it is stored when the span's last block is done."""
+        try:
+            output = compute(args)
+        except BaseException:
+            kept = None
+            raise
+        self.run.count_module(predicted=False, head=self.run.in_head(block_key))
+        if not self.caches_blocks:
+            return output
+        try:
+            (unit_key, names), = units
+            returned = self.adapter.read_streams(block_key[0], output)
+            residuals = []
+            with torch.no_grad():
+                for number, (name, before) in enumerate(zip(names, kept[0])):
+                    after = _rows(returned[name], batch_dim)
+                    total = self.run.bank.scratch.get(("span", number), after.shape, after.dtype, after.device)
+                    residuals.append(torch.sub(after, before, out=total))
+            self._thread.open_span = OpenSpan(unit_key, chunk_key, module_inputs.get(unit_key), names, residuals)
+        except Exception:
+            self.fail(f"recording {block_key[0]} {block_key[1]}")
+        return output
+
+    def _run_span_member(self, kind: str, index: int, span: Span, args: dict, compute, inputs: dict, chunk_key,
+                         batch_dim: int) -> dict:
+        """A block of a span after its first: passed through where the span
+        was predicted (the leader returned the whole span's forecast), else
+        computed with its residual added to the span's; the span's last
+        block stores the sum under the leader's key. What the model does
+        between the blocks stays outside the sum, as it does per block."""
+        run = self.run
+        if run.predicts(chunk_key, span.leader, None):
+            run.count_module(predicted=True)
+            return self.adapter.write_streams(kind, dict(inputs))
+        open_span = getattr(self._thread, "open_span", None)
+        if open_span is None or open_span.leader != span.leader or open_span.chunk_key != chunk_key:
+            open_span = None  # its leader was not recorded (planned mid-evaluation, a fault)
+        with torch.no_grad():
+            kept = ([_rows(inputs[name], batch_dim).clone() for name in open_span.names]
+                    if open_span is not None else None)
+        output = compute(args)
+        run.count_module(predicted=False)
+        if open_span is None or not self.caches_blocks:
+            return output
+        try:
+            returned = self.adapter.read_streams(kind, output)
+            with torch.no_grad():
+                for total, name, before in zip(open_span.residuals, open_span.names, kept):
+                    if returned.get(name) is None:
+                        raise ValueError(f"{kind} {index} returned no {name} stream inside a span")
+                    total.add_(_rows(returned[name], batch_dim)).sub_(before)
+            if index == span.last:
+                self._thread.open_span = None
+                run.store(chunk_key, span.leader, open_span.module_input, open_span.residuals)
+        except Exception:
+            self.fail(f"recording {kind} {index}")
         return output
 
     @torch.no_grad()
@@ -446,7 +604,8 @@ class SamplingSession:
                 self.adapter.end_run(diffusion_model)
             self.models_used.clear()
         self.returned_streams.clear()
-        summary = f"RFC on {self.settings.family} ({self.settings.granularity}): {self.run.summary()}"
+        layout = f", {self.layout.describe()}" if self.layout is not None else ""
+        summary = f"RFC on {self.settings.family} ({self.settings.granularity}{layout}): {self.run.summary()}"
         if self.fault_notes:
             summary += f" ({'; '.join(self.fault_notes)})"
         advice = self.advice()

@@ -48,3 +48,7 @@ class CacheSettings:
         self.adapter = adapter
         self.first_module = first_module
         self.node_id = node_id
+        # What the cache put on the model's device, by the run's noise shape:
+        # the next run with that shape reserves it while weights load
+        # (wrappers.prepare_sampling_wrapper).
+        self.device_cache_bytes: dict = {}

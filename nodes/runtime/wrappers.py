@@ -10,6 +10,7 @@ import logging
 from ...rfc_core import CacheConfig, RFCRun
 from ..adapters.base import ALTERED_PASS_KEYS
 from .active_call import _ACTIVE_CALL, ActiveCall
+from .memory import reserved_for_loading, step_estimate
 from .patches import chain_patches_added_later, forwards_replaced_later
 from .session import SamplingSession
 from .settings import (EASYCACHE_KEY, K6_MAGCACHE_KEY, MULTIGPU_THREAD_KEY, RANK_SUM_KEY, SAMPLER_STATE_KEYS,
@@ -125,6 +126,21 @@ def outer_sample_wrapper(executor, *args, **kwargs):
             logger.exception("RFC: could not report on this run")
 
 
+def prepare_sampling_wrapper(executor, model, noise_shape, conds, *args, **kwargs):
+    """Before weights load for a run: ComfyUI's estimate of a step's memory,
+    which the cache is planned beside (SamplingSession.plan_cache), and on
+    the legacy loader the device part of the cache an earlier run of this
+    shape had, kept free while weights load."""
+    model_options = kwargs.get("model_options", args[0] if args else None) or {}
+    session: SamplingSession | None = model_options.get("transformer_options", {}).get(SESSION_KEY)
+    if session is None or session.granularity != "blocks":
+        return executor(model, noise_shape, conds, *args, **kwargs)
+    session.shape_key = tuple(noise_shape)
+    session.step_bytes = step_estimate(model, noise_shape, conds)
+    with reserved_for_loading(session.settings.device_cache_bytes.get(session.shape_key, 0)):
+        return executor(model, noise_shape, conds, *args, **kwargs)
+
+
 def calc_cond_batch_wrapper(executor, *args, **kwargs):
     model_options = kwargs.get("model_options", args[-1] if args else {})
     transformer_options = model_options.get("transformer_options", {})
@@ -135,6 +151,11 @@ def calc_cond_batch_wrapper(executor, *args, **kwargs):
         if key in transformer_options:
             session.leave_uncached(reason)
     timestep = kwargs.get("timestep", args[3] if len(args) > 3 else None)
+    if session.conditionings is None:
+        # calc_cond_batch(model, conds, x_in, timestep, model_options): one
+        # entry per conditioning (cond, uncond), None where it is not run.
+        conds = kwargs.get("conds", args[1] if len(args) > 1 else None)
+        session.conditionings = sum(1 for cond in conds or () if cond is not None) or None
     guidance_pass = any(key in transformer_options for key in ALTERED_PASS_KEYS)
     return session.evaluate(timestep, lambda: executor(*args, **kwargs), guidance_pass)
 

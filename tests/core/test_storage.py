@@ -65,7 +65,7 @@ def test_finishing_a_run_releases_every_cached_tensor():
     assert "cache peak" in run.summary()
 
 
-@pytest.mark.parametrize("widget, value", [("cache_device", "gpu"), ("cache_dtype", "int8")])
+@pytest.mark.parametrize("widget, value", [("cache_device", "gpu"), ("cache_dtype", "int4")])
 def test_unknown_storage_names_the_widget(widget, value):
     with pytest.raises(ValueError, match=f"'{widget}' must be one of"):
         CacheConfig(**{widget: value})

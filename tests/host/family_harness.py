@@ -139,7 +139,8 @@ def pack_module(nodes, name: str):
 
 
 def rfc(nodes, model, **widgets):
-    advanced = any(name in widgets for name in ("estimator", "scheduler", "interval", "granularity", "short_runs"))
+    advanced = any(name in widgets for name in ("estimator", "scheduler", "interval", "granularity", "short_runs",
+                                                 "cache_device", "cache_dtype", "cache_span", "memory_budget"))
     node = nodes.NODE_CLASS_MAPPINGS["RFCCacheAdvanced" if advanced else "RFCCache"]()
     return node.apply(model, unique_id="7", **widgets)[0]
 

@@ -223,6 +223,10 @@ class SampleResult:
     seconds: float
     # Per model evaluation, whether it was computed (block-level runs).
     computed: tuple[bool, ...] = ()
+    # Block-level runs: the cache's projection and the layout the plan chose
+    # (rfc_core.memory), for what the layout costs at other dtypes and sizes.
+    footprint: object = None
+    layout: object = None
 
 
 class FluxFamily:
@@ -399,7 +403,8 @@ class StandaloneSampler:
         if session.fault_notes:
             raise RuntimeError(f"caching failed inside the benchmark: {'; '.join(session.fault_notes)}")
         return SampleResult(latent, run.computed_evaluations, run.modules_computed, run.peak_bytes,
-                            time.perf_counter() - start, tuple(e.computed for e in run.evaluations))
+                            time.perf_counter() - start, tuple(e.computed for e in run.evaluations),
+                            session.footprint, session.layout)
 
     def _run_whole_model(self, config, start) -> SampleResult:
         """The pack's whole-model granularity: the cached module maps the noisy

@@ -83,19 +83,18 @@ class FeatureHistory:
     """The newest `order + 1` values of one feature (one tensor per stream,
     each (batch, features)), newest first."""
 
-    def __init__(self, order: int, storage: FeatureStorage | None = None, bank: WeightBank | None = None,
-                 scratch: ScratchPool | None = None):
+    def __init__(self, order: int, storage: FeatureStorage | None = None, bank: WeightBank | None = None):
         self.order = order
         self.storage = storage or FeatureStorage()
         self.bank = bank or WeightBank()
-        # Where a quantized slot's value is written before it is quantized.
-        self.scratch = scratch or self.bank.scratch
         self.nodes: list[float] = []
         self.slots: list[int] = []
         # Per stream: (batch, order + 1, features), on the storage's device
         # and in its dtype; QuantizedSlots where the storage is int8.
         self.values: list[torch.Tensor | QuantizedSlots] = []
         self._reserved: tuple[float, int] | None = None
+        # Quantized storage: the values `commit` writes, between reserve and commit.
+        self._pending: list[torch.Tensor] = []
         # The features' own dtype and device, which forecasts are handed back in.
         self._feature: tuple[torch.dtype, torch.device] | None = None
 
@@ -133,9 +132,11 @@ class FeatureHistory:
         slot = min(set(range(self.slot_count)) - set(self.slots))
         self._reserved = (x, slot)
         if self.storage.quantized:
-            # Written in the feature's dtype, quantized into the slot by `commit`.
-            return [self.scratch.get(("quantize", stream), t.reshape(t.shape[0], -1).shape, t.dtype, t.device)
-                    for stream, t in enumerate(likes)]
+            # Quantized into the slot by `commit` from the values themselves
+            # (`likes` are the values to keep: `push`, the estimators' update),
+            # so no working copy of a residual is made.
+            self._pending = [flat(t) for t in likes]
+            return self._pending
         return [v[:, slot] for v in self.values]
 
     def _allocate(self, like: torch.Tensor):
@@ -150,9 +151,9 @@ class FeatureHistory:
         x, slot = self._reserved
         self._reserved = None
         if self.storage.quantized:
-            for stream, values in enumerate(self.values):
-                values.write(slot, self.scratch.get(("quantize", stream), (values.shape[0], values.shape[2]),
-                                                    *self._feature))
+            for values, pending in zip(self.values, self._pending):
+                values.write(slot, pending)
+            self._pending = []
         self.nodes.insert(0, x)
         self.slots.insert(0, slot)
 

@@ -83,12 +83,12 @@ class Footprint:
         residual_one = self.samples * self.residual_features
         chunk_one = (self.chunk_samples or self.samples) * self.residual_features * self.element_size
         units = self.units(layout.span)
-        # A block's input kept apart while it runs (in the model's layout it
-        # goes straight into its slot), where a quantized slot is written
-        # from, where a span's residual adds up, and a unit's slots moved to
-        # the device for its prediction.
-        working = chunk_one * ((layout.int8 or layout.span > 1 or layout.system) + layout.int8
-                               + (layout.span > 1))
+        # A block's input kept apart while it runs, its residual formed in
+        # place there (in the model's dtype on the device it goes straight
+        # into its slot), where a span's residual adds up, and a unit's slots
+        # moved to the device for its prediction. Quantizing works on
+        # pieces of QUANT_PIECE features.
+        working = chunk_one * ((layout.int8 or layout.span > 1 or layout.system) + (layout.span > 1))
         if layout.system:
             working += self.slots * chunk_one * per_feature / self.element_size
         return {

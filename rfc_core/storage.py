@@ -18,6 +18,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # stays in the model's dtype.
 QUANT_GROUP = 64
 INT8_MAX = 127.0
+# Features quantized at a time (QuantizedSlots.write): 16 Mi features, 64 MiB in float32.
+QUANT_PIECE = 2 ** 24
 class FeatureStorage:
     """device None: the feature's own device; dtype None: the feature's own dtype."""
 
@@ -98,14 +100,18 @@ class QuantizedSlots:
 
     @torch.no_grad()
     def write(self, slot: int, values: torch.Tensor) -> None:
-        """Quantize (batch, features) values into `slot`."""
-        grouped = self._grouped(values)
-        scale = grouped.abs().amax(dim=-1, keepdim=True).float().div_(INT8_MAX)
-        # Out of place: for float32 values `float()` is the caller's tensor.
-        codes = torch.div(grouped.float(), scale.clamp_min(torch.finfo(torch.float32).tiny)).round_().clamp_(
-            -INT8_MAX, INT8_MAX)
-        self.codes[:, slot].copy_(codes.reshape(values.shape))
-        self.scales[:, slot].copy_(scale.squeeze(-1))
+        """Quantize (batch, features) values into `slot`, a piece of at most
+        QUANT_PIECE features at a time: the float32 working copies stay tens
+        of MB where a video model's residual is hundreds."""
+        piece = max(self.group, QUANT_PIECE // max(1, values.shape[0]) // self.group * self.group)
+        for start in range(0, values.shape[1], piece):
+            grouped = self._grouped(values[:, start:start + piece])
+            scale = grouped.abs().amax(dim=-1, keepdim=True).float().div_(INT8_MAX)
+            # Out of place: for float32 values `float()` is the caller's tensor.
+            codes = torch.div(grouped.float(), scale.clamp_min(torch.finfo(torch.float32).tiny)).round_().clamp_(
+                -INT8_MAX, INT8_MAX)
+            self.codes[:, slot, start:start + piece].copy_(codes.reshape(codes.shape[0], -1))
+            self.scales[:, slot, start // self.group:(start + piece) // self.group].copy_(scale.squeeze(-1))
 
     def values(self, slots=slice(None), features=slice(None), dtype: torch.dtype | None = None,
                device: torch.device | None = None) -> torch.Tensor:

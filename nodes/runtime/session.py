@@ -480,8 +480,9 @@ class SamplingSession:
             kept_by_name = {name: target for (_, unit_names), targets in zip(units, kept)
                             for name, target in zip(unit_names, targets)}
             for unit_key, unit_names in self._units(kind, index, returned):
-                residuals = [_rows(returned_streams[name], batch_dim).detach() - kept_by_name[name]
-                             for name in unit_names]
+                # In place: the kept inputs are this call's own copies.
+                residuals = [torch.sub(_rows(returned_streams[name], batch_dim).detach(), kept_by_name[name],
+                                       out=kept_by_name[name]) for name in unit_names]
                 run.store(chunk_key, unit_key, module_inputs.get(unit_key), residuals)
         except Exception:
             self.fail(f"recording {module}")

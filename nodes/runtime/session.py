@@ -433,8 +433,10 @@ class SamplingSession:
                 return self._run_span_member(kind, index, span, args, compute, inputs, chunk_key, batch_dim)
             module_inputs = self._module_inputs(kind, index, args, units)
             if self.layout is None:
-                self.plan_cache([_rows(inputs[name], batch_dim) for name in names],
-                                module_inputs.get(self.settings.first_module), transformer_options)
+                with self.lock:  # chunks in threads of their own (MultiGPU) plan once
+                    if self.layout is None and self.caches_blocks:
+                        self.plan_cache([_rows(inputs[name], batch_dim) for name in names],
+                                        module_inputs.get(self.settings.first_module), transformer_options)
                 if not self.caches_blocks:
                     return compute(args)
                 span = self.spans.get(block_key)

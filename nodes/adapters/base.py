@@ -409,6 +409,15 @@ class BlockAdapter:
         tokens present (RFCRun.keep_leading). Default: none."""
         return 0
 
+    def kept_bytes(self, diffusion_model) -> int:
+        """What this adapter keeps for a run of the model (the stacked
+        SampledRows and their last product), for the summary's peak."""
+        stack = self.__dict__.get("_sampled_rows", {}).get(diffusion_model)
+        if stack is None:
+            return 0
+        tensors = [stack.weight, stack.bias] + ([stack._last[1]] if stack._last is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def end_run(self, diffusion_model) -> None:
         """A sampling run of this model ended: drop anything kept for it."""
         self.__dict__.get("_sampled_rows", {}).pop(diffusion_model, None)

@@ -603,6 +603,9 @@ class SamplingSession:
     def finish(self) -> str:
         self.run.finish()
         if self.adapter is not None:
+            # Kept for the whole run beside the cache: part of its peak.
+            self.run.peak_bytes += sum(self.adapter.kept_bytes(model)
+                                       for model in (self.diffusion_model, *self.models_used.values()))
             for diffusion_model in (self.diffusion_model, *self.models_used.values()):
                 self.adapter.end_run(diffusion_model)
             self.models_used.clear()

@@ -22,6 +22,7 @@ a computed evaluation's block FLOPs that a predicted one still computes.
 
     python -m benchmarks.overhead            # about 90 seconds on 2 CPU cores
     python -m benchmarks.overhead --time     # on a CUDA GPU: also 50-step runs at FLUX.1-dev size, timed
+    COMFYUI_PATH=/path/to/ComfyUI python -m benchmarks.overhead --host   # host time per skipped and computed block
     COMFYUI_PATH=/path/to/ComfyUI python -m benchmarks.overhead --weights bf16 fp8_scaled int8_convrot
 
 With --weights, the model is ComfyUI's own Flux, loaded by core's UNETLoader
@@ -716,6 +717,359 @@ def print_timings(device: torch.device) -> None:
         print(f"| {name} | {computed} | {seconds:.2f} s | {seconds / plain:.2f} | {computed / 50:.2f} |")
 
 
+# --host: host time, not counts. 50 Euler steps at target_speedup 5 (10 of 50
+# evaluations computed), plain sampling and RFC Cache side by side in one
+# process, at FLUX.1-dev's depth and Z-Image's on narrow models, so every
+# kernel costs about what a GPU launch does and the Python around them shows.
+HOST_STEPS = 50
+HOST_SPEEDUP = 5.0
+HOST_REPEATS = 3
+HOST_IMAGE_SIDE = 8  # latent side: 16 image tokens
+HOST_TEXT_TOKENS = 8
+# ComfyUI's Flux at FLUX.1-dev's depth and NARROW_FLUX's width, in float32 as ComfyUI runs on the CPU.
+HOST_COMFY_FLUX = dict(NARROW_FLUX)
+
+
+@contextlib.contextmanager
+def host_strides(adapter_module, image_tokens: int, full_tokens: tuple[int, int], width: int, full_width: int):
+    """The adapter's sampling strides at full size (strides_at): a stream of
+    up to `image_tokens` tokens is sampled as the full size's image stream,
+    a longer one as its joint stream, channels as at `full_width`; so the
+    skipped block runs the path it runs at full size (the stacked modulation
+    rows, a sample of the tokens), not the narrow model's stride-1 path."""
+    image_stride = adapter_module.token_stride(full_tokens[0])
+    joint_stride = adapter_module.token_stride(sum(full_tokens))
+    strides = _StrideTable(image_tokens, image_stride, joint_stride)
+    with strides_at(adapter_module, strides, adapter_module.channel_stride(full_width), width):
+        yield
+
+
+class _StrideTable(dict):
+    def __init__(self, image_tokens: int, image_stride: int, joint_stride: int):
+        super().__init__()
+        self.image_tokens, self.image_stride, self.joint_stride = image_tokens, image_stride, joint_stride
+
+    def __getitem__(self, tokens: int) -> int:
+        return self.image_stride if tokens <= self.image_tokens else self.joint_stride
+
+
+class HostClock:
+    """Host seconds per model evaluation and inside its blocks: the pack's
+    block entries (CachedBlock, CachedForward) on RFC runs, the blocks' own
+    forwards on plain ones."""
+
+    def __init__(self):
+        self.rows: list[tuple[str, float, float, int]] = []  # (kind, seconds, in blocks, blocks)
+        self.inside = 0.0
+        self.calls = 0
+        self.computed: bool | None = None
+
+    def evaluation(self, call):
+        self.inside, self.calls, self.computed = 0.0, 0, None
+        start = time.perf_counter()
+        output = call()
+        seconds = time.perf_counter() - start
+        kind = "plain" if self.computed is None else "computed" if self.computed else "predicted"
+        self.rows.append((kind, seconds, self.inside, self.calls))
+        return output
+
+    def timed(self, function):
+        clock = self
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                clock.inside += time.perf_counter() - start
+                clock.calls += 1
+        return timed
+
+    @contextlib.contextmanager
+    def on_pack(self, runtime):
+        """Times the pack's block entries and notes each evaluation's kind."""
+        clock = self
+        originals = [(runtime.CachedBlock, "__call__", runtime.CachedBlock.__call__),
+                     (runtime.CachedForward, "__call__", runtime.CachedForward.__call__),
+                     (runtime.SamplingSession, "evaluate", runtime.SamplingSession.evaluate)]
+        evaluate = runtime.SamplingSession.evaluate
+
+        def noted(session, *args, **kwargs):
+            output = evaluate(session, *args, **kwargs)
+            clock.computed = session.run.current.computed
+            return output
+
+        runtime.CachedBlock.__call__ = self.timed(runtime.CachedBlock.__call__)
+        runtime.CachedForward.__call__ = self.timed(runtime.CachedForward.__call__)
+        runtime.SamplingSession.evaluate = noted
+        try:
+            yield
+        finally:
+            for owner, name, original in originals:
+                setattr(owner, name, original)
+
+    @contextlib.contextmanager
+    def on_blocks(self, blocks):
+        """Times the blocks' own forwards (plain runs)."""
+        clock, started = self, []
+
+        def before(module, args):
+            started.append(time.perf_counter())
+
+        def after(module, args, output):
+            clock.inside += time.perf_counter() - started.pop()
+            clock.calls += 1
+
+        handles = [h for block in blocks for h in (block.register_forward_pre_hook(before),
+                                                   block.register_forward_hook(after))]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def summary(self) -> dict[str, float]:
+        """Medians: seconds per evaluation of each kind, seconds per block."""
+        import statistics
+
+        out = {}
+        for kind in ("plain", "computed", "predicted"):
+            rows = [row for row in self.rows if row[0] == kind]
+            if rows:
+                out[f"{kind} evaluation"] = statistics.median(row[1] for row in rows)
+                out[f"{kind} block"] = statistics.median(row[2] / row[3] for row in rows if row[3])
+        return out
+
+
+def host_table_row(label: str, runs: list[dict]) -> str:
+    import statistics
+
+    median = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+    share = median["predicted evaluation"] / median["computed evaluation"]
+    us = 1e6
+    return (f"| {label} | {median['plain evaluation'] * 1e3:.1f} | {median['computed evaluation'] * 1e3:.1f} "
+            f"| {median['predicted evaluation'] * 1e3:.1f} | {median['plain block'] * us:.0f} "
+            f"| {median['computed block'] * us:.0f} | {median['skipped block'] * us:.0f} "
+            f"| {median['skipped block'] / median['computed block']:.2f} | **{share:.2f}** "
+            f"| {median['predicted evaluation'] / median['plain evaluation']:.2f} |")
+
+
+def _host_repeats(plain, cached, repeats: int) -> list[dict]:
+    """Medians of each run pair (plain then RFC, one warm-up pair first)."""
+    plain(HostClock())
+    cached(HostClock())
+    runs = []
+    for _ in range(repeats):
+        plain_clock, cached_clock = HostClock(), HostClock()
+        plain(plain_clock)
+        cached(cached_clock)
+        summary = {**plain_clock.summary(), **cached_clock.summary()}
+        summary["skipped block"] = summary.pop("predicted block")
+        runs.append(summary)
+    return runs
+
+
+def host_pack_flux(repeats: int) -> list[dict]:
+    """The pack's own Flux at FLUX.1-dev depth (NARROW_FLUX) in float32 (bf16
+    kernels are slow on a CPU), through its
+    CachedBlock entries and session, as `timed_runs` drives it."""
+    load_pack()
+    runtime = sys.modules[f"{PACK_NAME}.nodes.runtime"]
+    rfc = sys.modules[f"{PACK_NAME}.rfc_core"]
+    adapter = sys.modules[f"{PACK_NAME}.nodes.adapters"].adapter_for("flux")
+    flux_module = sys.modules[f"{PACK_NAME}.nodes.adapters.flux"]
+    model = random_flux(NARROW_FLUX, FLUX_DEV_BLOCKS).float()
+    torch.manual_seed(1)
+    x0 = torch.randn(1, NARROW_FLUX["in_channels"], HOST_IMAGE_SIDE, HOST_IMAGE_SIDE)
+    context = torch.randn(1, HOST_TEXT_TOKENS, NARROW_FLUX["context_in_dim"])
+    pooled = torch.randn(1, NARROW_FLUX["vec_in_dim"])
+    sigmas = torch.linspace(1, 0, HOST_STEPS + 1)
+    blocks = [adapter.block(model, *key) for key in adapter.block_keys(model)]
+
+    def sample(clock: HostClock, cached: bool) -> None:
+        options = {"cond_or_uncond": [0]}
+        session = None
+        if cached:
+            config = rfc.CacheConfig(target_speedup=HOST_SPEEDUP, max_skip=8)
+            settings = runtime.CacheSettings(config, "flux", "blocks", adapter, adapter.block_keys(model)[0], None)
+            session = runtime.SamplingSession(settings, model, None, sigmas.tolist())
+            options[runtime.SESSION_KEY] = session
+            options["patches_replace"] = {"dit": {key: runtime.CachedBlock(*key) for key in adapter.block_keys(model)}}
+        x = x0.clone()
+        with torch.no_grad(), (clock.on_pack(runtime) if cached else clock.on_blocks(blocks)), \
+                host_strides(flux_module, HOST_IMAGE_SIDE ** 2 // 4, FLUX_DEV_TOKENS, NARROW_FLUX["hidden_size"],
+                             FLUX_DEV["hidden_size"]):
+            for step in range(HOST_STEPS):
+                timestep = sigmas[step:step + 1]
+
+                def call():
+                    return model(x, timestep, context, pooled, options)
+
+                output = clock.evaluation(call if session is None else lambda: session.evaluate(timestep, call))
+                x = x - (sigmas[step] - sigmas[step + 1]) * output
+        if session is not None:
+            session.finish()
+
+    return _host_repeats(lambda clock: sample(clock, False), lambda clock: sample(clock, True), repeats)
+
+
+def host_pack_nextdit(repeats: int) -> list[dict]:
+    """The pack's own NextDiT at Z-Image's depth (NARROW_ZIMAGE: 2 noise
+    refiners and 30 layers cached), through object patches of the blocks'
+    forward (CachedForward) and the pack's APPLY_MODEL wrapper; float32."""
+    load_pack()
+    runtime = sys.modules[f"{PACK_NAME}.nodes.runtime"]
+    rfc = sys.modules[f"{PACK_NAME}.rfc_core"]
+    adapter = sys.modules[f"{PACK_NAME}.nodes.adapters"].adapter_for("lumina2")
+    lumina2_module = sys.modules[f"{PACK_NAME}.nodes.adapters.lumina2"]
+    model = random_nextdit(NARROW_ZIMAGE, ZIMAGE["n_layers"]).float()
+    torch.manual_seed(1)
+    x0 = torch.randn(1, NARROW_ZIMAGE["in_channels"], HOST_IMAGE_SIDE, HOST_IMAGE_SIDE)
+    context = torch.randn(1, HOST_TEXT_TOKENS, NARROW_ZIMAGE["cap_feat_dim"])
+    sigmas = torch.linspace(1, 0, HOST_STEPS + 1)
+    keys = adapter.block_keys(model)
+    blocks = [adapter.block(model, *key) for key in keys]
+
+    def sample(clock: HostClock, cached: bool) -> None:
+        options = {"cond_or_uncond": [0]}
+        session = None
+        if cached:
+            config = rfc.CacheConfig(target_speedup=HOST_SPEEDUP, max_skip=8)
+            settings = runtime.CacheSettings(config, "lumina2", "blocks", adapter, keys[0], None)
+            session = runtime.SamplingSession(settings, model, None, sigmas.tolist())
+            options[runtime.SESSION_KEY] = session
+            for key, block in zip(keys, blocks):
+                own = type(block).forward.__get__(block)
+                block.forward = runtime.CachedForward(*key, ("x",), own, own, adapter.block_path(model, *key))
+        x = x0.clone()
+        try:
+            with torch.no_grad(), (clock.on_pack(runtime) if cached else clock.on_blocks(blocks)), \
+                    host_strides(lumina2_module, HOST_IMAGE_SIDE ** 2 // 4, ZIMAGE_TOKENS, NARROW_ZIMAGE["dim"],
+                                 ZIMAGE["dim"]):
+                for step in range(HOST_STEPS):
+                    timestep = sigmas[step:step + 1]
+
+                    def call():
+                        return runtime.apply_model_wrapper(
+                            lambda *_: model(x, timestep, context, options), x, timestep,
+                            transformer_options=options)
+
+                    output = clock.evaluation(call if session is None else lambda: session.evaluate(timestep, call))
+                    x = x - (sigmas[step] - sigmas[step + 1]) * output
+        finally:
+            for block in blocks:
+                block.__dict__.pop("forward", None)
+        if session is not None:
+            session.finish()
+
+    return _host_repeats(lambda clock: sample(clock, False), lambda clock: sample(clock, True), repeats)
+
+
+def _comfy_random(model, seed: int = 0):
+    import comfy.model_management
+    import comfy.model_patcher
+
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.diffusion_model.parameters():
+            parameter.normal_(0, 0.02)
+    device = comfy.model_management.get_torch_device()
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
+
+
+def host_comfy(family: str, repeats: int) -> list[dict]:
+    """ComfyUI's own Flux (FLUX.1-dev depth) or NextDiT (Z-Image depth) at
+    the narrow widths, random weights, sampled by comfy.sample.sample (euler,
+    simple, cfg 1) plain and through the RFC Cache node (target_speedup 5).
+    An evaluation is timed around comfy.samplers.calc_cond_batch, which the
+    pack's evaluation wrapper runs inside."""
+    from .host import boot_comfyui, comfy_lumina2_model, complete_params
+
+    nodes = boot_comfyui(os.environ["COMFYUI_PATH"])
+    import comfy.sample
+    import comfy.samplers
+    import comfy.supported_models
+
+    node_module = nodes.NODE_CLASS_MAPPINGS["RFCCache"].__module__
+    pack = node_module.rsplit(".", 2)[0]
+    runtime = sys.modules[f"{pack}.nodes.runtime"]
+    adapters = sys.modules[f"{pack}.nodes.adapters"]
+    torch.manual_seed(2)
+    if family == "flux":
+        unet_config = complete_params({"image_model": "flux", **HOST_COMFY_FLUX, "depth": FLUX_DEV_BLOCKS[0],
+                                       "depth_single_blocks": FLUX_DEV_BLOCKS[1]})
+        model_config = comfy.supported_models.Flux(unet_config)
+        model_config.set_inference_dtype(torch.float32, None)
+        patcher = _comfy_random(model_config.get_model({}))
+        context = torch.randn(1, HOST_TEXT_TOKENS, HOST_COMFY_FLUX["context_in_dim"])
+        pooled = torch.randn(1, HOST_COMFY_FLUX["vec_in_dim"])
+        positive = [[context, {"pooled_output": pooled}]]
+    else:
+        config = {**NARROW_ZIMAGE, "n_layers": ZIMAGE["n_layers"]}
+        ours = random_nextdit(config, ZIMAGE["n_layers"])
+        model = comfy_lumina2_model(config, {k: v.float() for k, v in ours.state_dict().items()})
+        if model is None:
+            raise SystemExit("this ComfyUI's NextDiT cannot build Z-Image's layout")
+        patcher = _comfy_random(model)
+        context = torch.randn(1, HOST_TEXT_TOKENS, config["cap_feat_dim"])
+        positive = [[context, {"attention_mask": torch.ones(1, HOST_TEXT_TOKENS, dtype=torch.long)}]]
+    diffusion_model = patcher.model.diffusion_model
+    adapter = adapters.detect_adapter(diffusion_model)
+    adapter_module = sys.modules[type(adapter).__module__]
+    width, full_width, full_tokens = ((HOST_COMFY_FLUX["hidden_size"], FLUX_DEV["hidden_size"], FLUX_DEV_TOKENS)
+                                      if family == "flux" else (NARROW_ZIMAGE["dim"], ZIMAGE["dim"], ZIMAGE_TOKENS))
+    blocks = [adapter.block(diffusion_model, *key) for key in adapter.block_keys(diffusion_model)]
+    noise = torch.randn(1, 16, HOST_IMAGE_SIDE, HOST_IMAGE_SIDE, generator=torch.Generator().manual_seed(0))
+    cached_patcher = nodes.NODE_CLASS_MAPPINGS["RFCCacheAdvanced"]().apply(
+        patcher, unique_id="7", target_speedup=HOST_SPEEDUP, max_skip=8)[0]
+
+    def sample(clock: HostClock, cached: bool) -> None:
+        calc_cond_batch = comfy.samplers.calc_cond_batch
+        comfy.samplers.calc_cond_batch = lambda *a, **k: clock.evaluation(lambda: calc_cond_batch(*a, **k))
+        try:
+            with torch.no_grad(), (clock.on_pack(runtime) if cached else clock.on_blocks(blocks)), \
+                    host_strides(adapter_module, HOST_IMAGE_SIDE ** 2 // 4, full_tokens, width, full_width):
+                comfy.sample.sample(cached_patcher if cached else patcher, noise, HOST_STEPS, 1.0, "euler", "simple",
+                                    positive, positive, torch.zeros_like(noise), seed=0, disable_pbar=True)
+        finally:
+            comfy.samplers.calc_cond_batch = calc_cond_batch
+
+    return _host_repeats(lambda clock: sample(clock, False), lambda clock: sample(clock, True), repeats)
+
+
+def print_host(repeats: int) -> None:
+    """--host: the table of host times, pack model and (with COMFYUI_PATH) ComfyUI."""
+    import logging
+
+    # One thread: the host path is single-threaded, and on shared cores
+    # intra-op threads of kernels this small only wait for each other.
+    torch.set_num_threads(1)
+    print(f"### Host time per evaluation and per block, {HOST_STEPS} Euler steps, target_speedup "
+          f"{HOST_SPEEDUP:g} ({int(HOST_STEPS / HOST_SPEEDUP)} of {HOST_STEPS} computed), "
+          f"{HOST_IMAGE_SIDE ** 2 // 4} image tokens, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print()
+    print(f"Medians over each run's evaluations of a kind, then the median of {repeats} plain/RFC run pairs in "
+          f"one process (a warm-up pair first). Blocks: the pack's block entry (RFC runs; a computed block "
+          f"includes the block) or the block's own forward (plain runs). Share: a predicted evaluation's host time "
+          f"over a computed one's, and over a plain one's. Sampled module inputs take FLUX.1-dev's and Z-Image's "
+          f"full-size strides (host_strides), as at full size.")
+    print()
+    print("| model | plain eval (ms) | computed eval (ms) | predicted eval (ms) | plain block (us) "
+          "| computed block (us) | skipped block (us) | skipped / computed block | predicted / computed eval "
+          "| predicted / plain eval |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    rows = [("pack's Flux, FLUX.1-dev depth (19 + 38, 96 wide, fp32)", lambda: host_pack_flux(repeats)),
+            ("pack's NextDiT, Z-Image depth (2 + 30, 300 wide, fp32)", lambda: host_pack_nextdit(repeats))]
+    if os.environ.get("COMFYUI_PATH"):
+        rows += [("ComfyUI's Flux + sampler + node, FLUX.1-dev depth (96 wide, fp32)",
+                  lambda: host_comfy("flux", repeats)),
+                 ("ComfyUI's NextDiT + sampler + node, Z-Image depth (300 wide, fp32)",
+                  lambda: host_comfy("lumina2", repeats))]
+    for label, measure in rows:
+        print(host_table_row(label, measure()), flush=True)
+        logging.getLogger("ComfyUI-RFC").setLevel(logging.WARNING)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=8)
@@ -723,7 +1077,14 @@ def main(argv=None) -> None:
                         help="also time 50-step runs (at FLUX.1-dev size on a CUDA GPU)")
     parser.add_argument("--weights", nargs="+", choices=WEIGHT_FORMATS,
                         help="count ComfyUI's own Flux loaded from files in these formats (needs COMFYUI_PATH)")
+    parser.add_argument("--host", action="store_true",
+                        help="host time per skipped and computed block, plain and RFC side by side "
+                             "(also through ComfyUI with COMFYUI_PATH)")
+    parser.add_argument("--repeats", type=int, default=HOST_REPEATS, help="--host: plain/RFC run pairs")
     args = parser.parse_args(argv)
+    if args.host:
+        print_host(args.repeats)
+        return
     if args.weights:
         print_formats(args.weights, args.steps)
         return

@@ -232,14 +232,14 @@ def strides_at(adapter_module, token_strides: dict, channel_stride: int, width: 
         adapter_module.token_stride, adapter_module.channel_stride = original
 
 
-def counted_session(family: str, model):
+def counted_session(family: str, model, cache_dtype: str = "auto"):
     """A session of forced caching (one warm-up evaluation, then two
     predicted and one computed) on `model`, its adapter and a counter."""
     load_pack()
     runtime = sys.modules[f"{PACK_NAME}.nodes.runtime"]
     rfc_core = sys.modules[f"{PACK_NAME}.rfc_core"]
     adapter = sys.modules[f"{PACK_NAME}.nodes.adapters"].adapter_for(family)
-    cache_config = rfc_core.CacheConfig(threshold=10.0, max_skip=2)
+    cache_config = rfc_core.CacheConfig(threshold=10.0, max_skip=2, cache_dtype=cache_dtype)
     settings = runtime.CacheSettings(cache_config, family, "blocks", adapter, adapter.module_keys(model)[0], None)
     # No schedule: these few steps stand for part of a long run, so a short
     # run's computed last step (rfc_core.run.SHORT_RUN_STEPS) does not apply.
@@ -268,12 +268,12 @@ def count_evaluations(session, counter: CostCounter, evaluation: list, steps: in
 
 
 def count_run(image_side: int, text_tokens: int, steps: int, blocks: tuple[int, int], config: dict = FLUX_DEV,
-              build=random_flux):
+              build=random_flux, cache_dtype: str = "auto"):
     """Per (evaluation, block) costs of the pack and the block, and which
     evaluations were computed, for a Flux of `config`'s widths made by
     build(config, blocks)."""
     model = build(config, blocks)
-    session, adapter, counter = counted_session("flux", model)
+    session, adapter, counter = counted_session("flux", model, cache_dtype)
     runtime = sys.modules[f"{PACK_NAME}.nodes.runtime"]
     flux_adapter_module = sys.modules[f"{PACK_NAME}.nodes.adapters.flux"]
     evaluation = [0]
@@ -452,15 +452,16 @@ def projection(summary: dict[str, Cost], nfc: int, steps: int = 50) -> tuple[flo
     return total / (steps * plain), nfc / steps
 
 
-def counts_at_flux_dev(steps: int = 8, build=random_flux, narrow_config: dict = NARROW_FLUX) -> dict[str, Cost]:
+def counts_at_flux_dev(steps: int = 8, build=random_flux, narrow_config: dict = NARROW_FLUX,
+                       cache_dtype: str = "auto") -> dict[str, Cost]:
     """Kernels and host syncs from a narrow Flux of FLUX.1-dev's depth,
     traffic from two runs at its width (2 + 2 blocks), extrapolated to its
     token count, in R."""
-    narrow = summarise(*count_run(16, 8, steps, FLUX_DEV_BLOCKS, narrow_config, build))
+    narrow = summarise(*count_run(16, 8, steps, FLUX_DEV_BLOCKS, narrow_config, build, cache_dtype))
     text_tokens = 32
     wide, token_counts = [], []
     for side in (16, 24):  # latent sides: 64 and 144 image tokens
-        wide.append(summarise(*count_run(side, text_tokens, steps, (2, 2), FLUX_DEV, build)))
+        wide.append(summarise(*count_run(side, text_tokens, steps, (2, 2), FLUX_DEV, build, cache_dtype)))
         token_counts.append((side // 2) ** 2 + text_tokens)
     traffic = at_size(*wide, tuple(token_counts), sum(FLUX_DEV_TOKENS), FLUX_DEV["hidden_size"])
     return {name: Cost(cost.kernels, traffic[name].bytes, cost.syncs) for name, cost in narrow.items()}
@@ -1080,6 +1081,8 @@ def main(argv=None) -> None:
     parser.add_argument("--host", action="store_true",
                         help="host time per skipped and computed block, plain and RFC side by side "
                              "(also through ComfyUI with COMFYUI_PATH)")
+    parser.add_argument("--cache-dtype", default="auto", choices=["auto", "int8"],
+                        help="the counts with residual slots in this storage (rfc_core.storage)")
     parser.add_argument("--repeats", type=int, default=HOST_REPEATS, help="--host: plain/RFC run pairs")
     args = parser.parse_args(argv)
     if args.host:
@@ -1091,9 +1094,9 @@ def main(argv=None) -> None:
     if args.time:
         print_timings(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         print()
-    summary = counts_at_flux_dev(args.steps)
+    summary = counts_at_flux_dev(args.steps, cache_dtype=args.cache_dtype)
     residual_mib = sum(FLUX_DEV_TOKENS) * FLUX_DEV["hidden_size"] * 2 / 2**20
-    print(f"### The pack's own cost at FLUX.1-dev size (3072 wide, bf16, {sum(FLUX_DEV_TOKENS)} tokens; "
+    print(f"### The pack's own cost at FLUX.1-dev size (3072 wide, bf16, residual slots {args.cache_dtype}, {sum(FLUX_DEV_TOKENS)} tokens; "
           f"R = one block's residual = {residual_mib:.0f} MiB)")
     print()
     print(f"Kernels and host syncs counted on FLUX.1-dev's 19 + 38 blocks at width 64 (they do not depend on "

@@ -459,7 +459,8 @@ class RFCRun:
         if module_key == self.first_module and self.scheduler.needs_forecast_error:
             chunk = self.chunks[chunk_key]
             if chunk.first_input is None:
-                chunk.first_input = FeatureHistory(self.config.order, self.storage, self.bank)
+                # Never quantized: RCS's forecast error reads it (rfc_core.storage).
+                chunk.first_input = FeatureHistory(self.config.order, self.storage.precise(), self.bank)
             chunk.first_input.push(self.sigma, [module_input])
 
     @torch.no_grad()
@@ -491,7 +492,7 @@ class RFCRun:
             for estimator in chunk.modules.values():
                 estimator.relocate(storage)
             if chunk.first_input is not None:
-                chunk.first_input.relocate(storage)
+                chunk.first_input.relocate(storage.precise())
 
     def cached_device(self) -> torch.device | None:
         """Where the cache's features are, None while it holds none."""

@@ -32,6 +32,11 @@ class FeatureStorage:
         """Residual slots are kept as int8 with group-wise scales (QuantizedSlots)."""
         return self.dtype == torch.int8
 
+    def precise(self) -> "FeatureStorage":
+        """This storage for what stays unquantized: the first block's input,
+        which RCS's decision reads, is kept in the feature's dtype under int8."""
+        return FeatureStorage(self.device) if self.quantized else self
+
     def keep(self, t: torch.Tensor) -> torch.Tensor:
         """A tensor as stored unquantized (module inputs; the int8 format's
         are kept in the feature's own dtype)."""

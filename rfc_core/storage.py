@@ -7,6 +7,8 @@ cache between evaluations is moved or converted.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.int8}
@@ -111,12 +113,14 @@ class QuantizedSlots:
         piece = max(self.group, QUANT_PIECE // max(1, values.shape[0]) // self.group * self.group)
         for start in range(0, values.shape[1], piece):
             grouped = self._grouped(values[:, start:start + piece])
-            scale = grouped.abs().amax(dim=-1, keepdim=True).float().div_(INT8_MAX)
-            # Out of place: for float32 values `float()` is the caller's tensor.
-            codes = torch.div(grouped.float(), scale.clamp_min(torch.finfo(torch.float32).tiny)).round_().clamp_(
-                -INT8_MAX, INT8_MAX)
+            # absmax per group in one pass, no |x| copy.
+            absmax = torch.linalg.vector_norm(grouped, ord=math.inf, dim=-1, keepdim=True, dtype=torch.float32)
+            # float32 codes in one pass from the values' own dtype (the
+            # product promotes); |x| <= absmax keeps them within +-127.
+            codes = torch.mul(grouped, INT8_MAX / absmax.clamp_min(torch.finfo(torch.float32).tiny)).round_()
             self.codes[:, slot, start:start + piece].copy_(codes.reshape(codes.shape[0], -1))
-            self.scales[:, slot, start // self.group:(start + piece) // self.group].copy_(scale.squeeze(-1))
+            self.scales[:, slot, start // self.group:(start + piece) // self.group].copy_(
+                absmax.squeeze(-1).div_(INT8_MAX))
 
     def values(self, slots=slice(None), features=slice(None), dtype: torch.dtype | None = None,
                device: torch.device | None = None) -> torch.Tensor:
@@ -179,20 +183,24 @@ class QuantizedSlots:
 
 
 class ScratchPool:
-    """Reused working tensors, by name, shape, dtype and device: where a
-    quantized or offloaded slot is written from, and where a span's residual
-    adds up block by block. A run keeps one pool; each tensor is lent to one
-    use at a time (the name says which)."""
+    """Reused working tensors, by name: where a span's residual adds up
+    block by block. A run keeps one pool; each name is lent to one use at a
+    time, and blocks of other shapes (Flux's double and single blocks) share
+    its memory, so the pool holds the largest use of each name, not one
+    tensor per shape."""
 
     def __init__(self):
         self._tensors: dict = {}
 
     def get(self, name, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        key = (name, tuple(shape), dtype, device)
-        tensor = self._tensors.get(key)
-        if tensor is None:
-            tensor = self._tensors[key] = torch.empty(shape, dtype=dtype, device=device)
-        return tensor
+        count = 1
+        for size in shape:
+            count *= size
+        tensor = self._tensors.get(name)
+        if tensor is None or tensor.dtype != dtype or tensor.device != device or tensor.numel() < count:
+            self._tensors[name] = None  # the old one is freed before the new one is made
+            tensor = self._tensors[name] = torch.empty(count, dtype=dtype, device=device)
+        return tensor[:count].view(shape)
 
     def clear(self) -> None:
         self._tensors.clear()

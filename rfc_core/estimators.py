@@ -277,8 +277,15 @@ class RelationalEstimator(TaylorEstimator):
     def _last_input(self, like: torch.Tensor) -> torch.Tensor:
         return self.last_input.to(device=like.device, dtype=like.dtype)
 
-    @torch.no_grad()
     def weights(self, sigma: float, module_input: torch.Tensor | None):
+        # Once per skipped module: no grad-mode switch where sampling already
+        # runs without grad (ComfyUI's samplers do), which costs host time.
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                return self._weights_for(sigma, module_input)
+        return self._weights_for(sigma, module_input)
+
+    def _weights_for(self, sigma: float, module_input: torch.Tensor | None):
         history = self.history
         trust = self.trust
         taylor = history.weights_by_slot(sigma)

@@ -296,10 +296,15 @@ class BlockAdapter:
         return self.specificity(diffusion_model) is not None
 
     def group(self, kind: str) -> BlockGroup:
-        for group in self.block_groups:
-            if group.kind == kind:
-                return group
-        raise KeyError(kind)
+        # Looked up on every block call: a dict made once per block_groups
+        # (a class attribute; a test may set another on an instance).
+        groups = self.__dict__.get("_groups")
+        if groups is None or groups[0] is not self.block_groups:
+            groups = self.__dict__["_groups"] = (self.block_groups, {g.kind: g for g in self.block_groups})
+        group = groups[1].get(kind)
+        if group is None:
+            raise KeyError(kind)
+        return group
 
     def blocks(self, diffusion_model, kind: str) -> list[torch.nn.Module]:
         return blocks_of(getattr(diffusion_model, self.group(kind).attribute, None))
@@ -309,7 +314,14 @@ class BlockAdapter:
                 for i in range(len(self.blocks(diffusion_model, group.kind)))]
 
     def block(self, diffusion_model, kind: str, index: int) -> torch.nn.Module:
-        return self.blocks(diffusion_model, kind)[index]
+        container = getattr(diffusion_model, self.group(kind).attribute, None)
+        if type(container) is torch.nn.ModuleList and index >= 0:
+            # Every block call: read where the list keeps it, not listed or
+            # through ModuleList's index arithmetic.
+            block = container._modules.get(str(index))
+            if block is not None:
+                return block
+        return blocks_of(container)[index]
 
     def block_path(self, diffusion_model, kind: str, index: int) -> str:
         """Dotted path of the block under the diffusion model, for object patches."""
@@ -370,7 +382,9 @@ class BlockAdapter:
         (then the module input goes through the layer itself)."""
         if stride == 1:
             return None
-        stacks = self.__dict__.setdefault("_sampled_rows", weakref.WeakKeyDictionary())
+        stacks = self.__dict__.get("_sampled_rows")
+        if stacks is None:  # not setdefault: that would make a dictionary on every block call
+            stacks = self.__dict__["_sampled_rows"] = weakref.WeakKeyDictionary()
         stack = stacks.get(diffusion_model, False)
         if stack is False or (stack is not None and not stack.is_current_for(conditioning)):
             layers, rows, sampled = {}, {}, slice(0, chunks * width, stride)

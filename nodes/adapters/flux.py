@@ -67,7 +67,8 @@ class _FluxLikeAdapter(BlockAdapter):
         block = self.block(diffusion_model, kind, index)
         norm = block.img_norm1 if kind == "double_block" else block.pre_norm
         image = args["img"]
-        present_references = reference_tokens(args) - self.dropped_tail_tokens(kind, args)
+        references = reference_tokens(args)
+        present_references = references - self.dropped_tail_tokens(kind, args) if references else 0
         if present_references:
             image = image[:, :image.shape[1] - present_references]
         tokens, channels = image.shape[1], image.shape[2]

@@ -54,12 +54,13 @@ class Lumina2Adapter(BlockAdapter):
     def sampled_module_input(self, diffusion_model, kind, index, args):
         x, conditioning = args["x"], args["adaln_input"]
         tokens_step, channels_step = token_stride(x.shape[1]), channel_stride(x.shape[2])
+        block = self.block(diffusion_model, kind, index)
         stack = self.sampled_rows(diffusion_model, conditioning, channels_step, chunks=1, gain_from=0,
-                                  width=x.shape[-1], activate=_has_silu(self.block(diffusion_model, kind, index)))
+                                  width=x.shape[-1], activate=_has_silu(block))
         if stack is None or args.get("timestep_zero_index") is not None:
             return sample_of(self.module_input(diffusion_model, kind, index, args), tokens_step, channels_step)
         (gain,) = stack.rows_for((kind, index), conditioning)
-        normed = self.block(diffusion_model, kind, index).attention_norm1(x[:, ::tokens_step])
+        normed = block.attention_norm1(x[:, ::tokens_step])
         return normed[..., ::channels_step] * gain.unsqueeze(1)
 
     def modulation_linear(self, diffusion_model, kind, index):

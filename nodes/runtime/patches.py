@@ -53,9 +53,33 @@ class CachedForward:
         # Arguments are named by the block's own forward: a patch we chain
         # usually takes (*args, **kwargs).
         self.signature = inspect.signature(block_forward if block_forward is not None else original)
+        # Where every parameter is positional-or-keyword (no *args, **kwargs
+        # or keyword-only ones), a call binds with a zip on the hot path
+        # instead of Signature.bind; anything else takes Signature.bind.
+        parameters = list(self.signature.parameters.values())
+        self._names = (tuple(p.name for p in parameters)
+                       if all(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in parameters) else None)
+        self._defaults = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
         # Where the block is under the diffusion model: a MultiGPU clone gets
         # this same object patch, and must run its own block, not ours.
         self.block_path = block_path
+
+    def _bind(self, args: tuple, kwargs: dict) -> dict:
+        """The call's arguments by parameter name, defaults filled in, in
+        the parameters' order: Signature.bind's arguments after apply_defaults."""
+        names = self._names
+        if names is not None and len(args) <= len(names) and all(name in self._defaults or name in kwargs
+                                                                 for name in names[len(args):]):
+            if not kwargs and len(args) == len(names):
+                return dict(zip(names, args))
+            if all(name in names[len(args):] for name in kwargs):
+                arguments = dict(zip(names, args))
+                for name in names[len(args):]:
+                    arguments[name] = kwargs[name] if name in kwargs else self._defaults[name]
+                return arguments
+        bound = self.signature.bind(*args, **kwargs)  # raises as the block would, for a call that does not fit
+        bound.apply_defaults()
+        return bound.arguments
 
     def _forward(self, diffusion_model):
         original = self.original
@@ -71,16 +95,16 @@ class CachedForward:
         session = None if active is None else active.session
         if session is None or not session.caches_blocks:
             return forward(*args, **kwargs)
-        bound = self.signature.bind(*args, **kwargs)
-        bound.apply_defaults()
+        arguments = self._bind(args, kwargs)
 
         def compute(_):
-            returned = forward(*bound.args, **bound.kwargs)
+            # The block's own arguments as passed: what binding them named.
+            returned = forward(*args, **kwargs)
             if len(self.outputs) == 1:
                 return {self.outputs[0]: returned}
             return dict(zip(self.outputs, returned))
 
-        streams = session.run_block(self.kind, self.index, bound.arguments, compute, active.transformer_options)
+        streams = session.run_block(self.kind, self.index, arguments, compute, active.transformer_options)
         if len(self.outputs) == 1:
             return streams[self.outputs[0]]
         return tuple(streams[name] for name in self.outputs)

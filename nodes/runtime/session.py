@@ -174,6 +174,9 @@ class SamplingSession:
         self.footprint: Footprint | None = None
         # Block key -> its Span, for blocks cached in spans of more than one.
         self.spans: dict = {}
+        # (kind, index, stream names) -> the block's units (_units), made
+        # once per run instead of on every block call.
+        self._unit_lists: dict = {}
         # Set by the wrappers: how many conditionings an evaluation runs
         # (cond and uncond: 2), and ComfyUI's estimate of a step's memory.
         self.conditionings: int | None = None
@@ -382,28 +385,34 @@ class SamplingSession:
                 self.models_used[id(diffusion_model)] = diffusion_model
         return diffusion_model
 
-    def _units(self, kind: str, index: int, names) -> list[tuple]:
+    def _units(self, kind: str, index: int, names) -> tuple:
         """The cached modules of one block: (module key, its stream names)."""
-        if self.adapter.group(kind).separate_streams:
-            return [((kind, index, name), (name,)) for name in names]
-        return [((kind, index), tuple(names))]
+        key = (kind, index, tuple(names))
+        units = self._unit_lists.get(key)
+        if units is None:
+            if self.adapter.group(kind).separate_streams:
+                units = tuple(((kind, index, name), (name,)) for name in names)
+            else:
+                units = (((kind, index), tuple(names)),)
+            self._unit_lists[key] = units
+        return units
 
-    def _module_inputs(self, kind: str, index: int, args: dict, units) -> dict:
-        group = self.adapter.group(kind)
+    def _module_inputs(self, kind: str, index: int, args: dict, units, group) -> dict:
+        run = self.run
         module_inputs = {}
         diffusion_model = None
         for unit_key, names in units:
-            if not self.run.needs_module_input(unit_key):
+            if not run.needs_module_input(unit_key):
                 continue
             diffusion_model = diffusion_model or self.model_in_use()
-            build = (self.adapter.module_input if unit_key == self.run.first_module
+            build = (self.adapter.module_input if unit_key == run.first_module
                      else self.adapter.sampled_module_input)
             if group.separate_streams:
                 value = build(diffusion_model, kind, index, args, stream=names[0])
             else:
                 value = build(diffusion_model, kind, index, args)
             # Estimators take per-sample norms over everything but dim 0.
-            module_inputs[unit_key] = value.movedim(group.batch_dim, 0)
+            module_inputs[unit_key] = value if group.batch_dim == 0 else value.movedim(group.batch_dim, 0)
         return module_inputs
 
     def _run_block(self, kind: str, index: int, args: dict, compute, transformer_options: dict) -> dict:
@@ -412,7 +421,6 @@ class SamplingSession:
         group = adapter.group(kind)
         batch_dim = group.batch_dim
         block_key = (kind, index)
-        module = f"{kind} {index}"
         try:
             inputs = adapter.read_streams(kind, args)
             names = self.returned_streams.get(block_key)
@@ -431,7 +439,7 @@ class SamplingSession:
             span = self.spans.get(block_key)
             if span is not None and span.leader != block_key:
                 return self._run_span_member(kind, index, span, args, compute, inputs, chunk_key, batch_dim)
-            module_inputs = self._module_inputs(kind, index, args, units)
+            module_inputs = self._module_inputs(kind, index, args, units, group)
             if self.layout is None:
                 with self.lock:  # chunks in threads of their own (MultiGPU) plan once
                     if self.layout is None and self.caches_blocks:
@@ -440,20 +448,23 @@ class SamplingSession:
                 if not self.caches_blocks:
                     return compute(args)
                 span = self.spans.get(block_key)
-            if all(run.predicts(chunk_key, unit_key, module_inputs.get(unit_key)) for unit_key, _ in units):
+            if (run.predicts(chunk_key, units[0][0], module_inputs.get(units[0][0])) if len(units) == 1 else
+                    all(run.predicts(chunk_key, unit_key, module_inputs.get(unit_key)) for unit_key, _ in units)):
                 predicted = dict(inputs)  # streams that are not cached pass through
                 for unit_key, unit_names in units:
-                    bases = [batch_first(inputs[name], batch_dim) for name in unit_names]
+                    bases = [inputs[name] if batch_dim == 0 else inputs[name].movedim(batch_dim, 0)
+                             for name in unit_names]
                     outputs = run.predict_onto(chunk_key, unit_key, module_inputs.get(unit_key), bases)
                     for name, base, value in zip(unit_names, bases, outputs):
-                        predicted[name] = value.view(base.shape).movedim(0, batch_dim)
+                        value = value.view(base.shape)
+                        predicted[name] = value if batch_dim == 0 else value.movedim(0, batch_dim)
                 run.count_module(predicted=True)
                 return adapter.write_streams(kind, predicted)
             in_slots = (returns_known and run.storage.device is None and not run.storage.quantized and span is None
                         and run.records())
             kept = self._keep_inputs(chunk_key, units, inputs, batch_dim, in_slots)
         except Exception:
-            self.fail(f"predicting {module}")
+            self.fail(f"predicting {kind} {index}")
             return compute(args)
         if span is not None:
             return self._compute_span_leader(block_key, args, compute, units, kept, module_inputs, chunk_key,
@@ -487,7 +498,7 @@ class SamplingSession:
                                        out=kept_by_name[name]) for name in unit_names]
                 run.store(chunk_key, unit_key, module_inputs.get(unit_key), residuals)
         except Exception:
-            self.fail(f"recording {module}")
+            self.fail(f"recording {kind} {index}")
         return output
 
     def _compute_span_leader(self, block_key, args, compute, units, kept, module_inputs, chunk_key, batch_dim):

@@ -243,6 +243,9 @@ class SamplingSession:
                 runs.append([key])
         return runs, singles
 
+    # Once per run, and host work only (memory queries, logging): not traced
+    # under core's TorchCompileModel, whose tracer fails on its formatting.
+    @torch.compiler.disable
     def plan_cache(self, first_rows: list[torch.Tensor], module_input, transformer_options: dict) -> None:
         """Project the whole run's cache at the first block, before any of it
         exists, and choose the finest layout the memory admits

@@ -21,12 +21,11 @@ STEPS = 6
 REPEATS = 20
 
 
-def tensors_held_by(session) -> list[torch.Tensor]:
-    """Every tensor reachable from a session's own state; the model's weights
-    and the node's settings belong to the patched model, not to the run."""
-    not_the_run = (session.settings, session.adapter, session.diffusion_model)
-    found, seen = [], {id(item) for item in not_the_run}
-    pending = [value for value in vars(session).values()]
+def tensors_under(*roots, skip=()) -> list[torch.Tensor]:
+    """Every tensor reachable from `roots` through containers and object
+    attributes, not entering modules (weights) or the objects in `skip`."""
+    found, seen = [], {id(item) for item in skip}
+    pending = list(roots)
     while pending:
         item = pending.pop()
         if id(item) in seen:
@@ -44,6 +43,12 @@ def tensors_held_by(session) -> list[torch.Tensor]:
         elif hasattr(item, "__dict__"):
             pending.extend(vars(item).values())
     return found
+
+
+def tensors_held_by(session) -> list[torch.Tensor]:
+    """Every tensor reachable from a session's own state; the model's weights
+    and the node's settings belong to the patched model, not to the run."""
+    return tensors_under(*vars(session).values(), skip=(session.settings, session.adapter, session.diffusion_model))
 
 
 class CacheSpy:

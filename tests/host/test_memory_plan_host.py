@@ -35,7 +35,7 @@ from family_harness import (FORCED, caching_never_fails, forced_full_evaluations
                             rfc, sample_spec)
 from shared_specs import FLUX_SPEC
 from test_family_wan import wan_spec
-from test_hard_memory import tensors_held_by
+from test_hard_memory import tensors_held_by, tensors_under
 from tiny_models import FLUX_CONFIG, build, counted
 
 pytestmark = pytest.mark.usefixtures("caching_never_fails")
@@ -95,25 +95,6 @@ def storage_bytes(tensors) -> int:
         storage = tensor.untyped_storage()
         storages[(storage.device, storage.data_ptr())] = storage.nbytes()
     return sum(storages.values())
-
-
-def tensors_under(root) -> list[torch.Tensor]:
-    """Every tensor reachable from `root` through containers and attributes."""
-    found, seen, pending = [], set(), [root]
-    while pending:
-        item = pending.pop()
-        if id(item) in seen:
-            continue
-        seen.add(id(item))
-        if isinstance(item, torch.Tensor):
-            found.append(item)
-        elif isinstance(item, dict):
-            pending.extend(item.values())
-        elif isinstance(item, (list, tuple, set, frozenset)):
-            pending.extend(item)
-        elif hasattr(item, "__dict__") and not isinstance(item, torch.nn.Module):
-            pending.extend(vars(item).values())
-    return found
 
 
 class PlanSpy:

@@ -93,9 +93,6 @@ class TaylorEstimator:
         """See FeatureHistory.keep_leading: module inputs are left as they are."""
         self.history.keep_leading(features)
 
-    def relocate(self, storage: FeatureStorage) -> None:
-        self.history.relocate(storage)
-
     def tensors(self) -> list[torch.Tensor]:
         return self.history.tensors()
 
@@ -327,11 +324,6 @@ class RelationalEstimator(TaylorEstimator):
         like = factor
         return torch.addcmul(history.bank.vector(newest_weights, 1, like), factor,
                              history.bank.vector(direction, 1, like), value=trust, out=self._weights)
-
-    def relocate(self, storage: FeatureStorage) -> None:
-        super().relocate(storage)
-        if self.last_input is not None:
-            self.last_input = storage.keep(self.last_input)
 
     def tensors(self) -> list[torch.Tensor]:
         return super().tensors() + ([] if self.last_input is None else [self.last_input])

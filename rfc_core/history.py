@@ -231,10 +231,6 @@ class FeatureHistory:
         values = self.values[0]
         return values.scales if isinstance(values, QuantizedSlots) else values
 
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        return self._like.dtype
-
     def sampled(self, stream: int, step: int = 1) -> torch.Tensor:
         """Every `step`-th feature of every slot of a stream, (batch, slots,
         features / step), as values (dequantized where stored as int8)."""
@@ -242,11 +238,6 @@ class FeatureHistory:
         if isinstance(values, QuantizedSlots):
             return values.values(features=slice(None, None, step))
         return values if step == 1 else values[..., ::step]
-
-    def relocate(self, storage: FeatureStorage) -> None:
-        self.storage = storage
-        self.values = [v.to(storage.device or v.device) if isinstance(v, QuantizedSlots) else storage.keep(v)
-                       for v in self.values]
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for v in self.values for t in (v.tensors() if isinstance(v, QuantizedSlots) else [v])]

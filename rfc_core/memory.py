@@ -77,8 +77,8 @@ class Footprint:
 
     def parts(self, layout: Layout) -> dict[str, int]:
         """Bytes of each part of the cache under `layout`; "working" is what
-        stays on the device whatever the layout (where a quantized slot is
-        written from, a span's residual adds up, system slots are read into)."""
+        is on the device whatever the layout's place (a block's input kept
+        apart, a span's summed residual, a system unit's slots read in)."""
         per_feature = (1 + self.element_size / QUANT_GROUP) if layout.int8 else self.element_size
         residual_one = self.samples * self.residual_features
         chunk_one = (self.chunk_samples or self.samples) * self.residual_features * self.element_size

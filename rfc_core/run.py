@@ -485,23 +485,6 @@ class RFCRun:
                 chunk.first_input = None
         return dropped
 
-    def relocate(self, storage: FeatureStorage) -> None:
-        """Keep every cached feature, and every later one, in `storage`."""
-        self.storage = storage
-        for chunk in self.chunks.values():
-            for estimator in chunk.modules.values():
-                estimator.relocate(storage)
-            if chunk.first_input is not None:
-                chunk.first_input.relocate(storage.precise())
-
-    def cached_device(self) -> torch.device | None:
-        """Where the cache's features are, None while it holds none."""
-        for chunk in self.chunks.values():
-            for estimator in chunk.modules.values():
-                if estimator.history.values:
-                    return estimator.history.values[0].device
-        return None
-
     def cache_bytes(self) -> int:
         """Everything the run holds: cached features and the working tensors."""
         return sum(chunk.nbytes() for chunk in self.chunks.values()) + self.bank.scratch.nbytes()

@@ -46,15 +46,6 @@ def test_a_float32_cache_forecasts_in_float32():
     assert history.combine(history.weights_by_slot(0.998), [base])[0].dtype == torch.bfloat16
 
 
-def test_relocating_moves_every_cached_tensor():
-    run = RFCRun(CacheConfig(threshold=0.5, max_skip=2), FIRST)
-    drive(run, steps=3)
-    run.relocate(FeatureStorage("cpu", torch.float16))
-    chunk = run.chunks["chunk"]
-    kept = chunk.modules[FIRST].tensors() + chunk.first_input.tensors()
-    assert kept and all(t.dtype == torch.float16 and t.device.type == "cpu" for t in kept)
-
-
 def test_finishing_a_run_releases_every_cached_tensor():
     run = RFCRun(CacheConfig(threshold=0.5, max_skip=2), FIRST)
     drive(run)

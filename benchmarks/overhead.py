@@ -870,13 +870,21 @@ def _host_repeats(plain, cached, repeats: int) -> list[dict]:
     return runs
 
 
+def host_session(family: str, adapter, model, sigmas: torch.Tensor):
+    """The pack's session of a host-time run on its own model: the node's
+    RFC at target_speedup HOST_SPEEDUP over the run's sigmas."""
+    runtime = sys.modules[f"{PACK_NAME}.nodes.runtime"]
+    config = sys.modules[f"{PACK_NAME}.rfc_core"].CacheConfig(target_speedup=HOST_SPEEDUP, max_skip=8)
+    settings = runtime.CacheSettings(config, family, "blocks", adapter, adapter.block_keys(model)[0], None)
+    return runtime.SamplingSession(settings, model, None, sigmas.tolist())
+
+
 def host_pack_flux(repeats: int) -> list[dict]:
     """The pack's own Flux at FLUX.1-dev depth (NARROW_FLUX) in float32 (bf16
     kernels are slow on a CPU), through its
     CachedBlock entries and session, as `timed_runs` drives it."""
     load_pack()
     runtime = sys.modules[f"{PACK_NAME}.nodes.runtime"]
-    rfc = sys.modules[f"{PACK_NAME}.rfc_core"]
     adapter = sys.modules[f"{PACK_NAME}.nodes.adapters"].adapter_for("flux")
     flux_module = sys.modules[f"{PACK_NAME}.nodes.adapters.flux"]
     model = random_flux(NARROW_FLUX, FLUX_DEV_BLOCKS).float()
@@ -891,9 +899,7 @@ def host_pack_flux(repeats: int) -> list[dict]:
         options = {"cond_or_uncond": [0]}
         session = None
         if cached:
-            config = rfc.CacheConfig(target_speedup=HOST_SPEEDUP, max_skip=8)
-            settings = runtime.CacheSettings(config, "flux", "blocks", adapter, adapter.block_keys(model)[0], None)
-            session = runtime.SamplingSession(settings, model, None, sigmas.tolist())
+            session = host_session("flux", adapter, model, sigmas)
             options[runtime.SESSION_KEY] = session
             options["patches_replace"] = {"dit": {key: runtime.CachedBlock(*key) for key in adapter.block_keys(model)}}
         x = x0.clone()
@@ -920,7 +926,6 @@ def host_pack_nextdit(repeats: int) -> list[dict]:
     forward (CachedForward) and the pack's APPLY_MODEL wrapper; float32."""
     load_pack()
     runtime = sys.modules[f"{PACK_NAME}.nodes.runtime"]
-    rfc = sys.modules[f"{PACK_NAME}.rfc_core"]
     adapter = sys.modules[f"{PACK_NAME}.nodes.adapters"].adapter_for("lumina2")
     lumina2_module = sys.modules[f"{PACK_NAME}.nodes.adapters.lumina2"]
     model = random_nextdit(NARROW_ZIMAGE, ZIMAGE["n_layers"]).float()
@@ -935,9 +940,7 @@ def host_pack_nextdit(repeats: int) -> list[dict]:
         options = {"cond_or_uncond": [0]}
         session = None
         if cached:
-            config = rfc.CacheConfig(target_speedup=HOST_SPEEDUP, max_skip=8)
-            settings = runtime.CacheSettings(config, "lumina2", "blocks", adapter, keys[0], None)
-            session = runtime.SamplingSession(settings, model, None, sigmas.tolist())
+            session = host_session("lumina2", adapter, model, sigmas)
             options[runtime.SESSION_KEY] = session
             for key, block in zip(keys, blocks):
                 own = type(block).forward.__get__(block)
